@@ -1,0 +1,35 @@
+# Thin wrappers a user can read. Everything runs inside .venv, created on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+OUT     ?= out
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU wheel (other specifiers pull gigabytes of CUDA libraries).
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Single-site demo on the embedded NAFLD cohort: data -> DP training -> synthetic -> utility report.
+demo: $(STAMP)
+	$(BIN)/dpsynth demo --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python bench/dp_overhead.py
+	$(BIN)/python bench/utility.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

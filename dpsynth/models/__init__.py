@@ -1,0 +1,1 @@
+"""Generators: plain nn.Modules plus their DP training steps."""

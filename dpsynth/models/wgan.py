@@ -1,0 +1,178 @@
+"""EMR-WGAN-style generator and critic, and their DP training steps.
+
+Only the critic touches real records, so only the critic is trained with DP-SGD; the generator learns from
+the critic's outputs on fake records (post-processing, no privacy cost).
+
+The critic's loss is D(fake) − D(real) + λ·GP(fake). Under Opacus only the real term is private:
+  1. real term  −D(x_i) per sample → ghost clipping (per-sample clip to C) → summed in p.grad
+  2. optimizer.pre_step(): Gaussian noise σ·C added, divided by the expected batch size (Poisson sampling)
+  3. fake term + fake-only gradient penalty computed with Opacus' hooks disabled and **added to p.grad after
+     the noise step** — Opacus' optimizer overwrites p.grad in pre_step, so a fake-term gradient added before
+     step() would be silently lost (DESIGN.md §4)
+  4. the wrapped optimizer's plain step.
+The interpolate-based gradient penalty is not used: it fails under Opacus (hooks: IndexError, ghost:
+NotImplementedError) and would mix real records into a term that is not clipped.
+No BatchNorm anywhere (it mixes samples and breaks per-sample clipping); LayerNorm only in the generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class WGANConfig:
+    latent_dim: int = 128
+    gen_hidden: int = 256
+    critic_hidden: int = 256
+    gen_lr: float = 1e-3
+    critic_lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.9)
+    gp_weight: float = 10.0
+    gen_steps_per_critic_step: int = 1
+
+
+class Generator(nn.Module):
+    def __init__(self, latent_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.inp = nn.Linear(latent_dim, hidden)
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, hidden)) for _ in range(2)]
+        )
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # returns logits; Encoder.activate maps them
+        h = self.inp(z)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+class Critic(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden // 2),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden // 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RealTermLoss(nn.Module):
+    """Per-sample real term of the critic loss: −D(x_i). Has ``reduction`` as Opacus' criterion wrapper expects."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, critic_out: torch.Tensor, _target: torch.Tensor | None = None) -> torch.Tensor:
+        per_sample = -critic_out.reshape(-1)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+
+def _plain(critic: nn.Module) -> nn.Module:
+    """The bare critic inside an Opacus wrapper (or the critic itself)."""
+    return getattr(critic, "_module", critic)
+
+
+class _hooks_off:
+    """Run the critic without Opacus capturing activations (fake term, penalty, generator step)."""
+
+    def __init__(self, critic: nn.Module):
+        self.critic = critic
+        self.had = getattr(critic, "hooks_enabled", None)
+
+    def __enter__(self):
+        if self.had is not None:
+            self.critic.disable_hooks()
+
+    def __exit__(self, *exc):
+        if self.had:
+            self.critic.enable_hooks()
+        return False
+
+
+def fake_term_grads(critic: nn.Module, fake: torch.Tensor, gp_weight: float) -> tuple[list[torch.Tensor], float]:
+    """Gradient of mean D(fake) + λ·E[(‖∇ₓD(fake)‖ − 1)²] w.r.t. the critic's parameters (no real data)."""
+    params = [p for p in critic.parameters() if p.requires_grad]
+    with _hooks_off(critic):
+        fake = fake.detach().requires_grad_(gp_weight > 0)
+        out = _plain(critic)(fake)
+        loss = out.mean()
+        if gp_weight > 0:
+            (gx,) = torch.autograd.grad(out.sum(), fake, create_graph=True)
+            loss = loss + gp_weight * ((gx.norm(2, dim=1) - 1.0) ** 2).mean()
+        grads = torch.autograd.grad(loss, params)
+    return list(grads), float(loss.detach())
+
+
+def critic_step_dp(
+    *, critic, optimizer, criterion, real: torch.Tensor, fake: torch.Tensor, gp_weight: float
+) -> dict:
+    """One DP critic step (Opacus ghost clipping). Returns losses; the caller records the accountant step."""
+    optimizer.zero_grad(set_to_none=False)
+    params = [p for p in critic.parameters() if p.requires_grad]
+    if real.shape[0] > 0:
+        loss_real = criterion(critic(real), None)
+        loss_real.backward()  # two passes inside: per-sample norms, then clipped sum into p.grad
+        real_val = float(loss_real.detach())
+    else:  # an empty Poisson batch still gets its noise: the update is noise only
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        real_val = 0.0
+    if not optimizer.pre_step():  # adds N(0, σ²C²), divides by the expected batch size
+        raise RuntimeError("Opacus skipped a step (gradient accumulation is not used here)")
+    grads, fake_val = fake_term_grads(critic, fake, gp_weight)
+    for p, g in zip(params, grads):  # after the noise step, so it is not overwritten
+        p.grad.add_(g)
+    optimizer.original_optimizer.step()
+    return {"critic_real": real_val, "critic_fake": fake_val}
+
+
+def critic_step_plain(*, critic, optimizer, real: torch.Tensor, fake: torch.Tensor, gp_weight: float) -> dict:
+    """Non-private critic step: the same loss with no clipping and no noise (for comparison only)."""
+    optimizer.zero_grad(set_to_none=False)
+    params = [p for p in critic.parameters() if p.requires_grad]
+    real_loss = (-critic(real).reshape(-1)).mean() if real.shape[0] else None
+    real_grads = torch.autograd.grad(real_loss, params) if real_loss is not None else [torch.zeros_like(p) for p in params]
+    grads, fake_val = fake_term_grads(critic, fake, gp_weight)
+    for p, gr, gf in zip(params, real_grads, grads):
+        p.grad = gr + gf
+    optimizer.step()
+    return {"critic_real": float(real_loss.detach()) if real_loss is not None else 0.0, "critic_fake": fake_val}
+
+
+def generator_step(*, generator, critic, encoder, optimizer, batch_size: int, latent_dim: int) -> float:
+    """Generator update: maximise D(G(z)). Gradients go to the generator only; the critic is untouched."""
+    optimizer.zero_grad(set_to_none=True)
+    z = torch.randn(batch_size, latent_dim)
+    with _hooks_off(critic):
+        out = _plain(critic)(encoder.activate(generator(z)))
+        loss = -out.mean()
+        gparams = [p for p in generator.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, gparams)
+    for p, g in zip(gparams, grads):
+        p.grad = g
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def sample_encoded(generator: Generator, encoder, n: int, latent_dim: int, batch: int = 4096) -> torch.Tensor:
+    generator.eval()
+    outs = []
+    for i in range(0, n, batch):
+        z = torch.randn(min(batch, n - i), latent_dim)
+        outs.append(encoder.activate(generator(z)))
+    generator.train()
+    return torch.cat(outs) if outs else torch.zeros(0, encoder.dim)

@@ -1,0 +1,532 @@
+"""One site's DP training of the structured-record generator under one budget.
+
+Budget flow (all composed by one SiteAccountant, PRV):
+  schema inference spend (if the schema was estimated with DP)  ─┐
+  DP checkpoint selection (Gaussian noisy marginals, q = 1)       ├─► total ≤ --epsilon at --delta
+  DP-SGD steps of the critic (σ calibrated up front for them)    ─┘
+Noise is calibrated before the first step for the planned epochs; the loop stops before any step beyond the
+plan, and the final ε is recomputed and checked against the target before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameterError
+from .io_utils import atomic_write_json, read_json, sha256_file
+from .models.wgan import (
+    Critic,
+    Generator,
+    RealTermLoss,
+    WGANConfig,
+    critic_step_dp,
+    critic_step_plain,
+    generator_step,
+    sample_encoded,
+)
+from .preprocess import Encoder
+from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise
+from .privacy.ledger import Ledger
+from .privacy import selection
+from .schema import Schema
+
+MODEL_FORMAT = "dpsynth-model/1"
+CRITIC_MECHANISM = "dp-sgd:wgan-critic"
+PRIVACY_STATEMENT = (
+    "Unit of privacy: one patient (one row; adjacency = adding or removing one patient). Every mechanism that "
+    "read the training data is composed by one accountant (Opacus PRV, upper bound): DP statistics used to "
+    "build the schema, DP checkpoint selection, and every DP-SGD step of the critic (Poisson sampling, "
+    "per-sample clipping by ghost clipping, Gaussian noise). The generator never reads real records "
+    "(post-processing). Preprocessing uses the schema's public bounds only."
+)
+NOT_PRIVATE = "NOT DIFFERENTIALLY PRIVATE: trained with --non-private, for comparison only. Do not release."
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 512  # expected Poisson batch size
+    max_grad_norm: float = 1.0
+    checkpoints: int = 5  # generator snapshots kept for selection (post-processing, free)
+    select: bool = True  # DP selection among checkpoints (charged), else the last checkpoint
+    selection_share: float = 0.05  # fraction of ε given to selection when select is on
+    profile: str = "A"
+    wgan: WGANConfig = field(default_factory=WGANConfig)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["wgan"]["betas"] = list(d["wgan"]["betas"])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        w = dict(d.pop("wgan", {}))
+        if "betas" in w:
+            w["betas"] = tuple(w["betas"])
+        return cls(**d, wgan=WGANConfig(**w))
+
+
+@dataclass
+class Plan:
+    n: int
+    sample_rate: float
+    steps_per_epoch: int
+    planned_steps: int
+    noise_multiplier: float | None  # None when non-private
+    selection_noise: float | None
+
+
+def default_delta(n: int) -> float:
+    """δ ≤ 1/(10·n) (DESIGN.md §3), rounded down to one significant digit."""
+    d = 1.0 / (10 * n)
+    exp = math.floor(math.log10(d))
+    return math.floor(d / 10**exp) * 10**exp
+
+
+def check_privacy_args(epsilon: float | None, delta: float, n: int, non_private: bool) -> None:
+    if not non_private:
+        if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
+            raise PrivacyParameterError(f"--epsilon must be a positive finite number, got {epsilon}")
+    if not (0 < delta < 1):
+        raise PrivacyParameterError(f"--delta must be in (0, 1), got {delta}")
+    if delta >= 1.0 / n:
+        raise PrivacyParameterError(
+            f"--delta {delta:g} is ≥ 1/n = {1.0 / n:.3g} for n={n} patients: such a δ allows releasing a "
+            f"whole record. Use δ ≤ 1/(10·n) = {1.0 / (10 * n):.3g}."
+        )
+    if delta > 1.0 / (10 * n):
+        warnings.warn(
+            f"δ={delta:g} is above the recommended 1/(10·n) = {1.0 / (10 * n):.3g} for n={n}", stacklevel=2
+        )
+
+
+def schema_accountant(schema: Schema) -> SiteAccountant:
+    """The spend already made on this data by DP schema inference (counted inside --epsilon)."""
+    acc = SiteAccountant()
+    sp = schema.dp_spend
+    if sp:
+        for m in sp.get("mechanisms", []):
+            acc.add(Mechanism(**m))
+        acc.add_extra_delta(float(sp.get("extra_delta", 0.0)))
+    return acc
+
+
+def make_plan(
+    *, n: int, epsilon: float | None, delta: float, config: TrainConfig, prior: SiteAccountant, non_private: bool
+) -> Plan:
+    if n < config.batch_size:
+        raise DataError(
+            f"the data has {n} rows, fewer than one expected batch ({config.batch_size}); "
+            "DP-SGD needs many batches — use a smaller --batch-size or more data"
+        )
+    if config.epochs < 1:
+        raise PrivacyParameterError(f"--epochs must be ≥ 1, got {config.epochs}")
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    q = 1.0 / steps_per_epoch  # exactly what Opacus' Poisson loader samples with
+    planned = steps_per_epoch * config.epochs
+    if non_private:
+        return Plan(n, q, steps_per_epoch, planned, None, None)
+    acc = prior.copy()
+    sel_sigma = None
+    if config.select and config.checkpoints > 1:
+        share = config.selection_share
+        if not 0 < share < 1:
+            raise PrivacyParameterError(f"selection share must be in (0, 1), got {share}")
+        sel_sigma = calibrate_noise(
+            target_epsilon=epsilon * share, delta=delta, sample_rate=1.0, steps=1, mechanism=selection.MECHANISM
+        )
+        acc.add(Mechanism(selection.MECHANISM, sel_sigma, 1.0, 1))
+    sigma = calibrate_noise(
+        target_epsilon=epsilon, delta=delta, sample_rate=q, steps=planned, mechanism=CRITIC_MECHANISM, prior=acc
+    )
+    return Plan(n, q, steps_per_epoch, planned, sigma, sel_sigma)
+
+
+# ------------------------------------------------------------------------------------------------
+# state on disk (safetensors + JSON; never pickle)
+# ------------------------------------------------------------------------------------------------
+
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{pid}.{k}"] = v.contiguous()
+                meta["state"][str(pid)][k] = "tensor"
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"{prefix}.{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    if not path.exists():
+        raise ModelError(f"{path} is missing")
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise ModelError(f"{path}: cannot load weights ({type(e).__name__}: {e})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    out: Path
+    epsilon: float | None
+    delta: float
+    steps: int
+    seconds: float
+    manifest: dict
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", desc="DP training", dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(**postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    df: pd.DataFrame,
+    schema: Schema,
+    *,
+    out: str | os.PathLike,
+    epsilon: float | None,
+    delta: float | None = None,
+    config: TrainConfig | None = None,
+    non_private: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    data_path: str | None = None,
+    data_sha256: str | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    epoch_callback: Callable[[int, SiteAccountant], None] | None = None,
+) -> TrainResult:
+    """Train on a frame already validated against ``schema``; write the model directory ``out``.
+
+    ``seed`` seeds model initialisation and sampling noise of the *generator*; DP noise and Poisson sampling
+    always draw from fresh OS entropy unless a seed is given, which only tests and --non-private runs may do.
+    """
+    out = Path(out)
+    config = config or TrainConfig()
+    schema.require_reviewed()
+    work = out / ".work"
+    manifest_path = out / "manifest.json"
+
+    if resume:
+        if not (work / "state.json").exists():
+            raise ModelError(f"{out}: nothing to resume (no {work / 'state.json'})")
+        st = read_json(work / "state.json", "resume state")
+        config = TrainConfig.from_json(st["config"])
+        epsilon, delta, non_private = st["target_epsilon"], st["delta"], st["non_private"]
+        if st["schema_sha256"] != schema.hash():
+            raise ModelError(f"{out}: the schema changed since training started; cannot resume")
+        if data_sha256 and st["data_sha256"] and data_sha256 != st["data_sha256"]:
+            raise ModelError(f"{out}: the data file changed since training started; cannot resume")
+    else:
+        if out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise ModelError(
+                    f"output {out} already exists and is not empty (pass --overwrite to replace it, or --resume)"
+                )
+            shutil.rmtree(out)
+        st = None
+
+    encoder = Encoder(schema)
+    x_np, clipped = encoder.transform(df)
+    n = len(x_np)
+    if delta is None:
+        delta = default_delta(n)
+    check_privacy_args(epsilon, delta, n, non_private)
+    prior = schema_accountant(schema)
+    plan = make_plan(n=n, epsilon=epsilon, delta=delta, config=config, prior=prior, non_private=non_private)
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    noise_gen = torch.Generator()
+    noise_gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+    sample_gen = torch.Generator()
+    sample_gen.manual_seed((seed + 1) if seed is not None else int.from_bytes(os.urandom(8), "little"))
+
+    w = config.wgan
+    generator = Generator(w.latent_dim, w.gen_hidden, encoder.dim)
+    critic = Critic(encoder.dim, w.critic_hidden)
+    g_opt = torch.optim.Adam(generator.parameters(), lr=w.gen_lr, betas=w.betas)
+    c_opt = torch.optim.Adam(critic.parameters(), lr=w.critic_lr, betas=w.betas)
+
+    accountant = prior.copy()
+    if plan.selection_noise is not None:
+        # reserved up front: the selection mechanism runs at the end, but its share is never given to SGD
+        accountant.add(Mechanism(selection.MECHANISM, plan.selection_noise, 1.0, 1))
+    start_epoch = 0
+    snapshots: dict[int, Path] = {}
+    losses: list[dict] = []
+    if st is not None:
+        load_weights(generator, work / "generator.safetensors")
+        load_weights(critic, work / "critic.safetensors")
+        opt_t = load_file(str(work / "optimizers.safetensors"))
+        _unflatten_optimizer(g_opt, opt_t, st["g_opt"], "g")
+        _unflatten_optimizer(c_opt, opt_t, st["c_opt"], "c")
+        accountant = SiteAccountant.from_state(st["accountant"])
+        start_epoch = st["epochs_done"]
+        snapshots = {int(k): Path(v) for k, v in st["snapshots"].items()}
+        losses = st["losses"]
+        if plan.noise_multiplier is not None and abs(st["noise_multiplier"] - plan.noise_multiplier) > 1e-9:
+            raise ModelError(f"{out}: recalibrated noise differs from the interrupted run's; cannot resume safely")
+
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x_np))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, generator=sample_gen)
+    if non_private:
+        from opacus.data_loader import DPDataLoader
+
+        train_critic = critic
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)  # same Poisson batches
+        criterion = None
+    else:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="prv")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_critic, c_opt, criterion, dp_loader = engine.make_private(
+                module=critic,
+                optimizer=c_opt,
+                criterion=RealTermLoss(),
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                grad_sample_mode="ghost",
+                poisson_sampling=True,
+                noise_generator=noise_gen,
+            )
+    if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
+        raise RuntimeError(f"sampling rate mismatch: loader {dp_loader.sample_rate} vs plan {plan.sample_rate}")
+
+    snap_epochs = sorted({max(1, round(config.epochs * (i + 1) / max(1, config.checkpoints))) for i in range(max(1, config.checkpoints))})
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "snapshots").mkdir(exist_ok=True)
+    t0 = time.time()
+    bar = _Progress(plan.planned_steps, progress)
+    bar.update(start_epoch * plan.steps_per_epoch)
+
+    def sgd_steps() -> int:
+        return sum(m.steps for m in accountant.history if m.mechanism == CRITIC_MECHANISM)
+
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            ep_losses = []
+            for (real,) in dp_loader:
+                if not non_private and sgd_steps() >= plan.planned_steps:
+                    break  # never take a step the calibration did not plan for
+                fake = encoder.activate(generator(torch.randn(config.batch_size, w.latent_dim))).detach()
+                if non_private:
+                    l = critic_step_plain(critic=train_critic, optimizer=c_opt, real=real, fake=fake, gp_weight=w.gp_weight)
+                else:
+                    l = critic_step_dp(
+                        critic=train_critic, optimizer=c_opt, criterion=criterion, real=real, fake=fake, gp_weight=w.gp_weight
+                    )
+                    accountant.step(CRITIC_MECHANISM, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+                for _ in range(w.gen_steps_per_critic_step):
+                    l["generator"] = generator_step(
+                        generator=generator, critic=train_critic, encoder=encoder, optimizer=g_opt,
+                        batch_size=config.batch_size, latent_dim=w.latent_dim,
+                    )
+                ep_losses.append(l)
+                bar.update(1)
+            losses.append({k: float(np.mean([d[k] for d in ep_losses])) for k in ep_losses[0]} if ep_losses else {})
+            eps_now = None if non_private else accountant.epsilon(delta)
+            bar.update(0, epoch=f"{epoch + 1}/{config.epochs}", eps=("n/a" if eps_now is None else f"{eps_now:.2f}"))
+            if epoch + 1 in snap_epochs:
+                p = work / "snapshots" / f"generator_epoch{epoch + 1:04d}.safetensors"
+                save_weights(generator, p)
+                snapshots[epoch + 1] = p
+            _save_resume_state(
+                work, generator=generator, critic=critic, g_opt=g_opt, c_opt=c_opt, accountant=accountant,
+                epochs_done=epoch + 1, config=config, epsilon=epsilon, delta=delta, non_private=non_private,
+                schema=schema, data_sha256=data_sha256, plan=plan, snapshots=snapshots, losses=losses,
+            )
+            if epoch_callback is not None:
+                epoch_callback(epoch + 1, accountant)
+    finally:
+        bar.close()
+    seconds = time.time() - t0 + (st["seconds"] if st else 0.0)
+
+    # ---- checkpoint selection ------------------------------------------------------------------
+    chosen_epoch = max(snapshots)
+    selection_report = {"method": "last checkpoint (no selection)", "candidates": sorted(snapshots)}
+    if plan.selection_noise is not None and len(snapshots) > 1:
+        gens = {}
+        for ep, p in sorted(snapshots.items()):
+            g = Generator(w.latent_dim, w.gen_hidden, encoder.dim)
+            load_weights(g, p)
+            gens[ep] = g
+        chosen_epoch, selection_report = selection.select_checkpoint(
+            df, schema, encoder, gens, latent_dim=w.latent_dim, noise_multiplier=plan.selection_noise,
+            profile=config.profile, generator=noise_gen,
+        )
+    elif non_private and config.select and len(snapshots) > 1:
+        selection_report["method"] = "last checkpoint (selection is DP-only)"
+    final_gen = Generator(w.latent_dim, w.gen_hidden, encoder.dim)
+    load_weights(final_gen, snapshots[chosen_epoch])
+
+    # ---- privacy check before anything is written ---------------------------------------------
+    eps_final = eps_rdp = None
+    if not non_private:
+        eps_final = accountant.epsilon(delta)
+        eps_rdp = accountant.epsilon_rdp(delta)
+        if eps_final > epsilon * (1 + 1e-6):
+            raise BudgetExceededError(f"internal error: final ε {eps_final:.4f} exceeds the target {epsilon}")
+
+    # ---- write the model directory (manifest last: a dir without it is incomplete) -------------
+    save_weights(final_gen, out / "generator.safetensors")
+    schema.save(out / "schema.json")
+    atomic_write_json(out / "accountant.json", accountant.state_dict())
+    sgd = [m for m in accountant.history if m.mechanism == CRITIC_MECHANISM]
+    privacy = {
+        "differentially_private": not non_private,
+        "statement": NOT_PRIVATE if non_private else PRIVACY_STATEMENT,
+        "unit": "patient",
+        "adjacency": "add/remove one patient (one row per patient)",
+        "epsilon": eps_final,
+        "epsilon_rdp_crosscheck": eps_rdp,
+        "target_epsilon": epsilon,
+        "delta": delta,
+        "accountant": ACCOUNTANT_NAME,
+        "sampling": "Poisson (Opacus DPDataLoader), q = 1/ceil(n/batch_size)",
+        "noise_multiplier": plan.noise_multiplier,
+        "max_grad_norm": None if non_private else config.max_grad_norm,
+        "sample_rate": plan.sample_rate,
+        "steps": sum(m.steps for m in sgd),
+        "planned_steps": plan.planned_steps,
+        "noise_rng": "torch generator seeded from os.urandom (Opacus secure_mode is not used: it needs "
+        "torchcsprng, unmaintained since 2021)" if seed is None else f"SEEDED ({seed}): test/comparison only",
+        "mechanisms": [asdict(m) for m in accountant.history],
+        "extra_delta": accountant.extra_delta,
+        "schema_spend": schema.dp_spend,
+        "preprocessing": "public bounds from the schema" + (" (estimated with DP, spend included)" if schema.dp_spend else ""),
+        "selection": selection_report,
+    }
+    manifest = {
+        "format": MODEL_FORMAT,
+        "dpsynth_version": __version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "models": ["wgan"],
+        "schema_sha256": schema.hash(),
+        "data": {"file": data_path, "sha256": data_sha256, "rows": n, "clipped_values": clipped},
+        "privacy": privacy,
+        "training": {
+            "config": config.to_json(),
+            "seconds": round(seconds, 2),
+            "epochs": config.epochs,
+            "selected_epoch": chosen_epoch,
+            "epoch_losses": losses,
+            "encoded_dim": encoder.dim,
+        },
+        "files": {
+            name: sha256_file(out / name) for name in ("generator.safetensors", "schema.json", "accountant.json")
+        },
+    }
+    ledger = Ledger(out / "ledger.jsonl")
+    ledger.append("train", {"epsilon": eps_final, "delta": delta, "steps": privacy["steps"],
+                            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                            "model": "wgan", "private": not non_private})
+    manifest["ledger_head"] = ledger.head()
+    atomic_write_json(manifest_path, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(out, eps_final, delta, privacy["steps"], seconds, manifest)
+
+
+def _save_resume_state(work: Path, *, generator, critic, g_opt, c_opt, accountant, epochs_done, config, epsilon,
+                       delta, non_private, schema, data_sha256, plan, snapshots, losses) -> None:
+    save_weights(generator, work / "generator.safetensors")
+    plain_critic = getattr(critic, "_module", critic)
+    save_weights(plain_critic, work / "critic.safetensors")
+    inner_c = getattr(c_opt, "original_optimizer", c_opt)
+    gt, gmeta = _flatten_optimizer(g_opt, "g")
+    ct, cmeta = _flatten_optimizer(inner_c, "c")
+    tmp = work / ".optimizers.safetensors.tmp"
+    save_file({**gt, **ct}, str(tmp))
+    os.replace(tmp, work / "optimizers.safetensors")
+    atomic_write_json(work / "state.json", {
+        "epochs_done": epochs_done,
+        "config": config.to_json(),
+        "target_epsilon": epsilon,
+        "delta": delta,
+        "non_private": non_private,
+        "schema_sha256": schema.hash(),
+        "data_sha256": data_sha256,
+        "noise_multiplier": plan.noise_multiplier,
+        "accountant": accountant.state_dict(),
+        "snapshots": {str(k): str(v) for k, v in snapshots.items()},
+        "losses": losses,
+        "g_opt": gmeta,
+        "c_opt": cmeta,
+        "seconds": 0.0,
+    })
+
+
+def load_model(model_dir: str | os.PathLike) -> tuple[dict, Schema, Generator, Encoder]:
+    model_dir = Path(model_dir)
+    mpath = model_dir / "manifest.json"
+    if not mpath.exists():
+        hint = " (training did not finish: run `dpsynth train --resume`)" if (model_dir / ".work").exists() else ""
+        raise ModelError(f"{model_dir} is not a complete dpsynth model: no manifest.json{hint}")
+    manifest = read_json(mpath, "model manifest")
+    if manifest.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{mpath}: unknown model format {manifest.get('format')!r}")
+    for name, digest in manifest.get("files", {}).items():
+        p = model_dir / name
+        if not p.exists():
+            raise ModelError(f"{model_dir}: {name} is missing")
+        if sha256_file(p) != digest:
+            raise ModelError(f"{model_dir}: {name} does not match the manifest's SHA-256 (modified?)")
+    schema = Schema.load(model_dir / "schema.json")
+    enc = Encoder(schema)
+    w = TrainConfig.from_json(manifest["training"]["config"]).wgan
+    gen = Generator(w.latent_dim, w.gen_hidden, enc.dim)
+    load_weights(gen, model_dir / "generator.safetensors")
+    return manifest, schema, gen, enc
