@@ -361,3 +361,102 @@ def modelled_names(schema: Schema) -> list[str]:
 def iter_pairs(items: Iterable[str]) -> list[tuple[str, str]]:
     items = list(items)
     return [(a, b) for i, a in enumerate(items) for b in items[i + 1 :]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: a DRAFT from the data, or a DP estimate
+# ---------------------------------------------------------------------------------------------
+
+def _looks_identifier(name: str, s: pd.Series) -> bool:
+    if IDENTIFIER_NAME.search(name):
+        return True
+    nonnull = s.dropna()
+    if len(nonnull) == 0:
+        return False
+    if pd.api.types.is_float_dtype(s):
+        return False
+    return nonnull.nunique() / len(nonnull) > 0.95 and len(nonnull) >= 20
+
+
+def infer_schema(df: pd.DataFrame, *, name: str = "dataset", epsilon: float | None = None,
+                 delta: float | None = None, generator=None) -> Schema:
+    """Without ``epsilon``: a draft (data-derived bounds marked for review; ``train`` refuses it).
+
+    With ``epsilon``: bounds, binary detection and categories from DP mechanisms; the spend is recorded in
+    ``dp_spend`` and counted by ``train`` inside its budget. Identifier detection by column name is free
+    (names are not data); uniqueness-based detection looks at the data, so in DP mode only names are used
+    and string columns without any category surviving the DP threshold become identifiers.
+    """
+    cols = [str(c) for c in df.columns]
+    dup = sorted({c for c in cols if cols.count(c) > 1})
+    if dup:
+        raise DataError(f"duplicate column names {dup}")
+    if len(df) == 0:
+        raise DataError("no data rows to infer a schema from")
+    columns: list[Column] = []
+    if epsilon is None:
+        for c in df.columns:
+            s = df[c]
+            if _looks_identifier(c, s):
+                columns.append(Column(c, "identifier", description="detected by name/uniqueness: never modelled",
+                                      review="confirm this column is an identifier"))
+                continue
+            num = pd.to_numeric(s, errors="coerce")
+            is_numeric = num.notna().sum() == s.notna().sum()
+            nonnull = num.dropna() if is_numeric else s.dropna()
+            nullable = bool(s.isna().any())
+            if is_numeric and set(nonnull.unique()) <= {0, 1}:
+                columns.append(Column(c, "binary", nullable=nullable))
+            elif is_numeric and nonnull.nunique() > 10:
+                integer = bool(np.all(np.mod(nonnull, 1) == 0))
+                columns.append(Column(
+                    c, "continuous", nullable=nullable, lower=float(nonnull.min()), upper=float(nonnull.max()),
+                    integer=integer, bounds_source="data-draft",
+                    review="bounds are the data's min/max: replace with public limits (e.g. physiological)",
+                ))
+            elif not is_numeric and nonnull.astype(str).str.len().mean() > 40:
+                columns.append(Column(c, "text", nullable=True, review="free text: confirm"))
+            else:
+                cats = sorted({canonical_category(v) for v in nonnull})
+                if len(cats) < 2:
+                    cats = cats + ["other"]
+                columns.append(Column(c, "categorical", nullable=nullable, categories=cats, bounds_source="data-draft",
+                                      review="categories are the values seen in the data: replace with the public code list"))
+        return Schema(columns=columns, name=name, status="draft",
+                      notes="DRAFT written by `dpsynth schema infer` without --epsilon: review every column marked "
+                            "'review', then set status to 'reviewed'.")
+
+    from .privacy.dpstats import dp_column_summaries
+
+    if delta is None:
+        delta = 1.0 / (10 * len(df))
+    kinds: dict[str, str] = {}
+    for c in df.columns:
+        if IDENTIFIER_NAME.search(c):
+            columns.append(Column(c, "identifier", description="identifier by name: never modelled"))
+            continue
+        kinds[c] = "numeric" if pd.api.types.is_numeric_dtype(df[c]) else "string"
+        columns.append(None)  # placeholder, filled below in order
+    found, spend = dp_column_summaries(df, kinds, epsilon=epsilon, delta=delta, generator=generator)
+    out: list[Column] = []
+    it = iter(found.items())
+    for col in columns:
+        if col is not None:
+            out.append(col)
+            continue
+        c, f = next(it)
+        if f["kind"] == "binary":
+            out.append(Column(c, "binary", nullable=True, bounds_source="dp"))
+        elif f["kind"] == "continuous":
+            integer = pd.api.types.is_integer_dtype(df[c])
+            out.append(Column(c, "continuous", nullable=True, lower=f["lower"], upper=f["upper"], integer=integer,
+                              bounds_source="dp"))
+        elif f["kind"] == "categorical":
+            out.append(Column(c, "categorical", nullable=True, categories=f["categories"], bounds_source="dp",
+                              description="categories released by a thresholded DP histogram; rarer values are "
+                                          "not in the schema (map them to a listed category before training)"))
+        else:
+            out.append(Column(c, "identifier", description="no category passed the DP threshold: not modelled"))
+    return Schema(columns=out, name=name, status="reviewed", dp_spend=spend,
+                  notes=f"Estimated with DP (epsilon={epsilon:g}, delta={delta:g}); train counts this spend inside "
+                        "its --epsilon. Review the result anyway.")

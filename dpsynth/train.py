@@ -350,6 +350,7 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     (work / "snapshots").mkdir(exist_ok=True)
     t0 = time.time()
+    prev_seconds = st["seconds"] if st else 0.0
     bar = _Progress(plan.planned_steps, progress)
     bar.update(start_epoch * plan.steps_per_epoch)
 
@@ -378,14 +379,17 @@ def train(
                 ep_losses.append(l)
                 bar.update(1)
             losses.append({k: float(np.mean([d[k] for d in ep_losses])) for k in ep_losses[0]} if ep_losses else {})
-            eps_now = None if non_private else accountant.epsilon(delta)
-            bar.update(0, epoch=f"{epoch + 1}/{config.epochs}", eps=("n/a" if eps_now is None else f"{eps_now:.2f}"))
+            # ε so far for the progress bar (a PRV computation costs ~0.2 s: about ten times per run)
+            every = max(1, config.epochs // 10)
+            if progress and ((epoch + 1) % every == 0 or epoch + 1 == config.epochs):
+                eps_now = "n/a" if non_private else f"{accountant.epsilon(delta):.2f}"
+                bar.update(0, epoch=f"{epoch + 1}/{config.epochs}", eps=eps_now)
             if epoch + 1 in snap_epochs:
                 p = work / "snapshots" / f"generator_epoch{epoch + 1:04d}.safetensors"
                 save_weights(generator, p)
                 snapshots[epoch + 1] = p
             _save_resume_state(
-                work, generator=generator, critic=critic, g_opt=g_opt, c_opt=c_opt, accountant=accountant,
+                work, seconds=time.time() - t0 + prev_seconds, generator=generator, critic=critic, g_opt=g_opt, c_opt=c_opt, accountant=accountant,
                 epochs_done=epoch + 1, config=config, epsilon=epsilon, delta=delta, non_private=non_private,
                 schema=schema, data_sha256=data_sha256, plan=plan, snapshots=snapshots, losses=losses,
             )
@@ -393,7 +397,7 @@ def train(
                 epoch_callback(epoch + 1, accountant)
     finally:
         bar.close()
-    seconds = time.time() - t0 + (st["seconds"] if st else 0.0)
+    seconds = time.time() - t0 + prev_seconds
 
     # ---- checkpoint selection ------------------------------------------------------------------
     chosen_epoch = max(snapshots)
@@ -480,7 +484,7 @@ def train(
     return TrainResult(out, eps_final, delta, privacy["steps"], seconds, manifest)
 
 
-def _save_resume_state(work: Path, *, generator, critic, g_opt, c_opt, accountant, epochs_done, config, epsilon,
+def _save_resume_state(work: Path, *, seconds, generator, critic, g_opt, c_opt, accountant, epochs_done, config, epsilon,
                        delta, non_private, schema, data_sha256, plan, snapshots, losses) -> None:
     save_weights(generator, work / "generator.safetensors")
     plain_critic = getattr(critic, "_module", critic)
@@ -505,7 +509,7 @@ def _save_resume_state(work: Path, *, generator, critic, g_opt, c_opt, accountan
         "losses": losses,
         "g_opt": gmeta,
         "c_opt": cmeta,
-        "seconds": 0.0,
+        "seconds": seconds,
     })
 
 

@@ -1,0 +1,347 @@
+"""`dpsynth` command line. Every error is one line naming the file/column/value, with a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import DpsynthError
+
+log = logging.getLogger("dpsynth")
+
+
+def _positive_int(v: str) -> int:
+    i = int(v)
+    if i <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return i
+
+
+def _float(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+
+
+# ---- commands -------------------------------------------------------------------------------------
+
+def cmd_demo_data(a) -> int:
+    from .data.demo import write_demo
+
+    s = write_demo(a.out)
+    print(f"NAFLD demo cohort: {s['patients']} patients → train {s['train']}, holdout {s['holdout']}, "
+          f"sites {s['sites']} (mean age {s['site_mean_age']})")
+    print(f"wrote {a.out}/train.csv holdout.csv site_*.csv schema.json")
+    return 0
+
+
+def _load_validated(data: str, schema):
+    from .data.io import read_table
+    from .schema import validate_frame
+
+    return validate_frame(read_table(data), schema, source=data)
+
+
+def cmd_schema_infer(a) -> int:
+    from .data.io import read_table
+    from .schema import infer_schema
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise DpsynthError(f"{out} already exists (pass --overwrite to replace it)")
+    if a.epsilon is not None and a.epsilon <= 0:
+        raise DpsynthError(f"--epsilon must be positive, got {a.epsilon}")
+    df = read_table(a.data)
+    schema = infer_schema(df, name=Path(a.data).stem, epsilon=a.epsilon, delta=a.delta)
+    schema.save(out)
+    if schema.status == "draft":
+        pending = [c.name for c in schema.columns if c.review]
+        print(f"wrote DRAFT schema {out}: {len(schema.columns)} columns; review before training: {', '.join(pending)}")
+        print("its bounds/categories were read off the data; `dpsynth train` refuses it until status is 'reviewed'")
+    else:
+        sp = schema.dp_spend
+        print(f"wrote DP schema {out}: spent ε={sp['epsilon']:g} (δ={sp['delta']:g}) on the data; "
+              "`dpsynth train` counts it inside its --epsilon")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .io_utils import sha256_file
+    from .schema import Schema
+    from .train import TrainConfig, train
+
+    if a.seed is not None and not a.non_private:
+        raise DpsynthError("--seed is refused for DP training: noise and sampling must come from fresh entropy "
+                           "(use it only with --non-private)")
+    if a.non_private:
+        print("WARNING: --non-private: the model and everything generated from it are NOT differentially private",
+              file=sys.stderr)
+    elif a.epsilon is None and not a.resume:
+        raise DpsynthError("--epsilon is required (or --non-private for a comparison model)")
+    schema = Schema.load(a.schema)
+    schema.require_reviewed(a.schema)
+    df = _load_validated(a.data, schema)
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, max_grad_norm=a.max_grad_norm,
+                      checkpoints=a.checkpoints, select=not a.no_select, profile=a.profile)
+    res = train(df, schema, out=a.out, epsilon=a.epsilon, delta=a.delta, config=cfg, non_private=a.non_private,
+                resume=a.resume, overwrite=a.overwrite, data_path=str(Path(a.data).resolve()),
+                data_sha256=sha256_file(a.data), seed=a.seed, progress=not a.quiet)
+    p = res.manifest["privacy"]
+    if p["differentially_private"]:
+        print(f"trained {a.out}: ε={res.epsilon:.3f} (target {p['target_epsilon']:g}), δ={res.delta:g}, "
+              f"{res.steps} DP-SGD steps, σ={p['noise_multiplier']:.3f}, q={p['sample_rate']:.4f}, {res.seconds:.1f}s")
+    else:
+        print(f"trained {a.out}: NOT DIFFERENTIALLY PRIVATE ({res.steps} steps, {res.seconds:.1f}s)")
+    clipped = res.manifest["data"]["clipped_values"]
+    if clipped:
+        print(f"values outside the schema bounds were clipped: {clipped}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .data.io import write_table
+    from .generate import generate, provenance
+    from .io_utils import atomic_write_json, sha256_file
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise DpsynthError(f"{out} already exists (pass --overwrite to replace it)")
+    df, manifest = generate(a.model, a.n, seed=a.seed)
+    write_table(df, out)
+    prov = provenance(manifest, a.model, len(df))
+    prov["model_manifest_sha256"] = sha256_file(Path(a.model) / "manifest.json")
+    prov["file_sha256"] = sha256_file(out)
+    atomic_write_json(str(out) + ".provenance.json", prov)
+    if not prov["differentially_private"]:
+        print(f"WARNING: {out} is NOT DIFFERENTIALLY PRIVATE (model trained with --non-private)", file=sys.stderr)
+    print(f"wrote {len(df)} synthetic patients to {out} (provenance: {out}.provenance.json)")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .data.io import read_table
+    from .io_utils import atomic_write_json, atomic_write_text, output_dir
+    from .metrics.report import render_html
+    from .metrics.utility import evaluate
+    from .schema import Schema, validate_frame
+
+    schema = Schema.load(a.schema)
+    real = validate_frame(read_table(a.real), schema, a.real)
+    hold = validate_frame(read_table(a.holdout), schema, a.holdout)
+    syn = validate_frame(read_table(a.synthetic), schema, a.synthetic)
+    t = time.time()
+    res = evaluate(real, hold, syn, schema, label=a.label)
+    res["seconds"] = round(time.time() - t, 2)
+    ctx = {"real": a.real, "holdout": a.holdout, "synthetic": a.synthetic, "schema": a.schema}
+    prov_path = Path(str(a.synthetic) + ".provenance.json")
+    if prov_path.exists():
+        prov = json.loads(prov_path.read_text())
+        ctx["differentially private"] = prov.get("differentially_private")
+        ctx["epsilon"] = prov.get("epsilon")
+        ctx["delta"] = prov.get("delta")
+        res["provenance"] = prov
+    with output_dir(a.out, overwrite=a.overwrite) as tmp:
+        atomic_write_json(tmp / "utility.json", res)
+        atomic_write_text(tmp / "report.html", render_html(res, title="dpsynth utility report", context=ctx))
+    h = res["headline"]
+    print("utility: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in h.items()))
+    print(f"wrote {a.out}/utility.json and {a.out}/report.html")
+    return 0
+
+
+def budget_view(model_dir: str) -> dict:
+    from .io_utils import read_json
+    from .privacy.accountant import SiteAccountant
+
+    mdir = Path(model_dir)
+    man = read_json(mdir / "manifest.json", "model manifest")
+    p = man["privacy"]
+    view = {
+        "model": str(mdir),
+        "differentially_private": p["differentially_private"],
+        "epsilon": p["epsilon"],
+        "delta": p["delta"],
+        "target_epsilon": p["target_epsilon"],
+        "epsilon_rdp_crosscheck": p["epsilon_rdp_crosscheck"],
+        "accountant": p["accountant"],
+        "unit": p["unit"],
+        "adjacency": p["adjacency"],
+        "sampling": p["sampling"],
+        "steps": p["steps"],
+        "noise_multiplier": p["noise_multiplier"],
+        "max_grad_norm": p["max_grad_norm"],
+        "sample_rate": p["sample_rate"],
+        "extra_delta": p["extra_delta"],
+        "preprocessing": p["preprocessing"],
+        "selection": p["selection"].get("method"),
+        "noise_rng": p["noise_rng"],
+        "mechanisms": p["mechanisms"],
+    }
+    # recompute from the saved accountant state: the number printed is the number the state gives
+    if p["differentially_private"]:
+        acc = SiteAccountant.from_state(read_json(mdir / "accountant.json", "accountant state"))
+        view["epsilon_recomputed"] = acc.epsilon(p["delta"])
+    return view
+
+
+def cmd_budget(a) -> int:
+    v = budget_view(a.model)
+    if a.json:
+        print(json.dumps(v, indent=2))
+        return 0
+    if not v["differentially_private"]:
+        print("NOT DIFFERENTIALLY PRIVATE (trained with --non-private)")
+    else:
+        print(f"ε = {v['epsilon']:.4f} at δ = {v['delta']:g}   (target ε {v['target_epsilon']:g}; "
+              f"recomputed {v['epsilon_recomputed']:.4f}; RDP cross-check {v['epsilon_rdp_crosscheck']:.4f})")
+    for k in ("accountant", "unit", "adjacency", "sampling", "steps", "noise_multiplier", "max_grad_norm",
+              "sample_rate", "extra_delta", "preprocessing", "selection", "noise_rng"):
+        print(f"  {k:<17} {v[k]}")
+    print("  mechanisms (compose all to recompute ε with any accountant):")
+    for m in v["mechanisms"]:
+        print(f"    - {m['mechanism']:<42} σ={m['noise_multiplier']:<10.5g} q={m['sample_rate']:<10.5g} steps={m['steps']}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """Single-site demo end to end on the embedded NAFLD cohort."""
+    out = Path(a.out)
+    data, model, syn, report = out / "data", out / "model", out / "synthetic.csv", out / "report"
+    if out.exists() and any(out.iterdir()):
+        if not a.overwrite:
+            print(f"{out} exists from an earlier demo: replacing its outputs (data/model/synthetic/report)")
+        import shutil
+
+        for p in (data, model, report):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (syn, Path(str(syn) + ".provenance.json")):
+            if p.exists():
+                p.unlink()
+    t0 = time.time()
+    steps = [
+        ["demo-data", "--out", str(data)],
+        ["train", "--data", str(data / "train.csv"), "--schema", str(data / "schema.json"), "--epsilon", str(a.epsilon),
+         "--out", str(model)] + (["--quiet"] if a.quiet else []),
+        ["budget", str(model)],
+        ["generate", "--model", str(model), "--n", "10000", "--out", str(syn)],
+        ["evaluate", "--real", str(data / "train.csv"), "--holdout", str(data / "holdout.csv"), "--synthetic", str(syn),
+         "--schema", str(data / "schema.json"), "--out", str(report)],
+    ]
+    for argv in steps:
+        print(f"\n$ dpsynth {' '.join(argv)}", flush=True)
+        rc = main(argv)
+        if rc:
+            return rc
+    res = json.loads((report / "utility.json").read_text())
+    h = res["headline"]
+    print(f"\n== demo finished in {time.time() - t0:.0f}s ==")
+    print(f"model:     {model}  (dpsynth budget {model})")
+    print(f"synthetic: {syn}")
+    print(f"report:    {report / 'report.html'}")
+    print(f"TSTR/TRTR AUROC ratio {h.get('tstr_trtr_auroc_ratio')}, mean APD {h['mean_apd']:.4f}, "
+          f"correlation distance {h['correlation_distance']:.4f}")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpsynth", description="Differentially private synthetic patient records.")
+    p.add_argument("--version", action="version", version=f"dpsynth {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("demo", help="single-site demo end to end on the embedded NAFLD cohort")
+    s.add_argument("--out", default="out")
+    s.add_argument("--epsilon", type=_float, default=3.0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("demo-data", help="write the embedded NAFLD cohort: train/holdout, 3 sites, schema.json")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_demo_data)
+
+    sch = sub.add_parser("schema", help="schema tools").add_subparsers(dest="schema_cmd", required=True)
+    s = sch.add_parser("infer", help="draft schema from data (or DP-estimated with --epsilon)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--epsilon", type=_float, help="estimate bounds/categories with DP, spending this ε")
+    s.add_argument("--delta", type=_float, help="δ for the DP estimate (default 1/(10·n))")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_schema_infer)
+
+    s = sub.add_parser("train", help="DP training of the synthetic-record generator")
+    s.add_argument("--data", required=True)
+    s.add_argument("--schema", required=True)
+    s.add_argument("--out", required=True, help="model directory")
+    s.add_argument("--epsilon", type=_float, help="total privacy budget ε (includes schema inference and selection)")
+    s.add_argument("--delta", type=_float, help="δ (default 1/(10·n), rounded down; must be < 1/n)")
+    s.add_argument("--epochs", type=_positive_int, default=30)
+    s.add_argument("--batch-size", type=_positive_int, default=512, help="expected Poisson batch size")
+    s.add_argument("--max-grad-norm", type=_float, default=1.0)
+    s.add_argument("--checkpoints", type=_positive_int, default=5, help="generator snapshots to select from")
+    s.add_argument("--no-select", action="store_true", help="keep the last checkpoint (no selection spend)")
+    s.add_argument("--profile", choices=["A", "B"], default="A", help="selection weight profile (see docs)")
+    s.add_argument("--non-private", action="store_true", help="no clipping, no noise: comparison only")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--seed", type=int, help="only with --non-private")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("generate", help="sample synthetic patients")
+    s.add_argument("--model", required=True)
+    s.add_argument("--n", type=_positive_int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, help="seed for sampling (post-processing; does not affect privacy)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("evaluate", help="utility report: JSON + self-contained HTML")
+    s.add_argument("--real", required=True)
+    s.add_argument("--holdout", required=True)
+    s.add_argument("--synthetic", required=True)
+    s.add_argument("--schema", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--label", help="binary label column for TSTR (default: the schema's label)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("budget", help="print a model's privacy spend and every mechanism")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_budget)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+    warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        print(f"dpsynth: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = showwarning
+    try:
+        return a.func(a)
+    except DpsynthError as e:
+        print(f"dpsynth: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dpsynth: interrupted; partial training state (if any) is kept for --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Utility metrics and the utility report."""

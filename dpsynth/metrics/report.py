@@ -1,0 +1,116 @@
+"""One self-contained offline HTML page (inline PNG plots, no scripts, no external assets) + JSON."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+import numpy as np
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(result: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result["metrics"]
+    out = []
+    det = m["mean_apd"]["detail"]
+    names = list(det["real_prevalence"])
+    if names:
+        r = np.array([det["real_prevalence"][k] for k in names])
+        s = np.array([det["synthetic_prevalence"][k] for k in names])
+        fig, ax = plt.subplots(figsize=(4.8, 4.8))
+        ax.scatter(r, s, s=18)
+        hi = max(float(r.max()), float(s.max()), 0.01) * 1.05
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set_xlabel("real prevalence")
+        ax.set_ylabel("synthetic prevalence")
+        ax.set_title(f"Dimension-wise prevalence (mean APD {m['mean_apd']['value']:.4f})")
+        out.append(("Prevalence of binary columns and categories (tutorial Figure 4)", _png(fig)))
+    cd = m["correlation_distance"]["detail"]
+    if cd["columns"]:
+        cr, cs = np.array(cd["real"], dtype=float), np.array(cd["synthetic"], dtype=float)
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+        for ax, mat, title, cmap, lim in (
+            (axes[0], cr, "real", "coolwarm", (-1, 1)),
+            (axes[1], cs, "synthetic", "coolwarm", (-1, 1)),
+            (axes[2], np.abs(cr - cs), "|real − synthetic|", "viridis", (0, 1)),
+        ):
+            im = ax.imshow(mat, cmap=cmap, vmin=lim[0], vmax=lim[1])
+            ax.set_title(title)
+            ax.set_xticks(range(len(cd["columns"])), cd["columns"], rotation=90, fontsize=6)
+            ax.set_yticks(range(len(cd["columns"])), cd["columns"], fontsize=6)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        out.append(("Pairwise correlations", _png(fig)))
+    if "tstr_trtr_auroc_ratio" in m and m["tstr_trtr_auroc_ratio"]["detail"]:
+        d = m["tstr_trtr_auroc_ratio"]["detail"]
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        vals = [d["trtr_auroc"] or 0, d["tstr_auroc"] or 0]
+        ax.bar(["TRTR (real)", "TSTR (synthetic)"], vals, color=["#4477aa", "#ee6677"])
+        for i, v in enumerate(vals):
+            ax.text(i, v + 0.01, f"{v:.3f}", ha="center")
+        ax.set_ylim(0.4, 1.0)
+        ax.set_ylabel("AUROC on holdout")
+        ax.set_title(f"label: {d['label']}")
+        out.append(("Train on synthetic, test on real", _png(fig)))
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def render_html(result: dict, *, title: str, context: dict | None = None) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class=num>{_fmt(mt['value'])}</td><td>{mt['goal']}</td>"
+        f"<td>{mt['range'][0]}–{mt['range'][1]}</td><td>{html.escape(mt['description'])}</td></tr>"
+        for name, mt in result["metrics"].items()
+    )
+    ctx = ""
+    if context:
+        ctx = "<table>" + "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in context.items()
+        ) + "</table>"
+    figs = "".join(
+        f"<figure><img alt='{html.escape(cap)}' src='{src}'><figcaption>{html.escape(cap)}</figcaption></figure>"
+        for cap, src in _plots(result)
+    )
+    banner = ""
+    if context and context.get("differentially private") is False:
+        banner = "<p class=warn>NOT DIFFERENTIALLY PRIVATE: this synthetic data came from a --non-private model.</p>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;line-height:1.45}}
+table{{border-collapse:collapse;margin:1rem 0;width:100%}}td,th{{border:1px solid #ccc;padding:.35rem .6rem;text-align:left;vertical-align:top}}
+th{{background:#f3f3f3}}td.num{{font-variant-numeric:tabular-nums;text-align:right}}figure{{margin:1.5rem 0}}img{{max-width:100%}}
+.warn{{background:#fde2e1;border:1px solid #c00;padding:.6rem;font-weight:bold}}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{banner}
+{ctx}
+<p>Rows: real {result['rows']['real']}, holdout {result['rows']['holdout']}, synthetic {result['rows']['synthetic']}.</p>
+<h2>Metrics</h2>
+<table><tr><th>metric</th><th>value</th><th>goal</th><th>range</th><th>what it measures</th></tr>{rows}</table>
+<h2>Plots</h2>
+{figs}
+<details><summary>All figures as JSON</summary><pre>{html.escape(json.dumps(result['headline'], indent=2))}</pre></details>
+</body></html>
+"""
