@@ -1,13 +1,15 @@
 """DP statistics for building a schema (`dpsynth schema infer --epsilon`).
 
-One Gaussian mechanism releases, for every column, a histogram to which each patient contributes exactly one
-count (so the L2 sensitivity over k columns is sqrt(k)); it is recorded as (σ, q = 1, 1 step) in the site
-accountant, and ``train`` composes it with everything else inside its --epsilon.
+One Gaussian mechanism releases, per column, histograms to which each patient contributes one count each
+(two for a numeric column, one for a string column: L2 sensitivity sqrt(2·k_numeric + k_string)); it is
+recorded as (σ, q = 1, 1 step) in the site accountant, and ``train`` composes it with everything else
+inside its --epsilon.
 
-  numeric columns  bins: value == 0, value == 1, and a fixed, data-independent grid of 10 bins per decade
-                   on ±[1e-3, 1e7] (plus zero-width guards) — binary if the noisy mass off {0, 1} is below
-                   1 %, else continuous with bounds at the bin edges where the noisy CDF crosses 0.5 % and
-                   99.5 % (values outside are clipped and counted at training)
+  numeric columns  a type histogram [== 0, == 1, other value, missing] and a histogram of the non-missing
+                   values on a fixed, data-independent grid of 10 bins per decade on ±[1e-3, 1e7]. Binary if
+                   the noisy "other" count is below 1 % of the noisy total; else continuous, with bounds at
+                   the grid edges where the CDF of the grid bins whose noisy count clears the noise (a
+                   0.1 % chance per column that an empty bin passes) crosses 0.5 % and 99.5 % (values outside are clipped and counted at training)
   string columns   noisy counts of the observed values, released only above a threshold τ (the Gaussian
                    sparse histogram): a category held by one patient can appear only with probability
                    Φ̄((τ−1)/(σ√k)) per column, which is added to δ (``extra_delta``). No released category
@@ -33,18 +35,18 @@ GRID = np.concatenate([-_POS_EDGES[::-1], [0.0], _POS_EDGES])
 
 
 def _numeric_hist(v: np.ndarray) -> np.ndarray:
-    """Counts: [==0, ==1, missing, grid bins (len(GRID)+1 incl. under/overflow)] — one count per row."""
+    """[==0, ==1, other, missing] + grid bins of the non-missing values (len(GRID)+1 incl. under/overflow)."""
     miss = np.isnan(v)
     is0 = (v == 0) & ~miss
     is1 = (v == 1) & ~miss
     other = ~(miss | is0 | is1)
-    idx = np.searchsorted(GRID, v[other], side="right")
+    idx = np.searchsorted(GRID, v[~miss], side="right")
     grid_counts = np.bincount(idx, minlength=len(GRID) + 1).astype(float)
-    return np.concatenate([[is0.sum(), is1.sum(), miss.sum()], grid_counts]).astype(float)
+    return np.concatenate([[is0.sum(), is1.sum(), other.sum(), miss.sum()], grid_counts]).astype(float)
 
 
-def _bounds_from_hist(grid_counts: np.ndarray, lo_q: float = 0.005, hi_q: float = 0.995) -> tuple[float, float]:
-    c = np.clip(grid_counts, 0, None)
+def _bounds_from_hist(grid_counts: np.ndarray, floor: float, lo_q: float = 0.005, hi_q: float = 0.995) -> tuple[float, float]:
+    c = np.where(grid_counts > floor, grid_counts, 0.0)  # empty bins' noise would otherwise spread the bounds
     if c.sum() <= 0:
         return 0.0, 1.0
     cdf = np.cumsum(c) / c.sum()
@@ -60,14 +62,14 @@ def _bounds_from_hist(grid_counts: np.ndarray, lo_q: float = 0.005, hi_q: float 
 def dp_column_summaries(df: pd.DataFrame, columns: dict[str, str], *, epsilon: float, delta: float,
                         generator: torch.Generator | None = None) -> tuple[dict, dict]:
     """columns: name → 'numeric' | 'string'. Returns (per-column findings, dp_spend record for the schema)."""
-    k = len(columns)
-    if k == 0:
+    if not columns:
         return {}, {}
     # half of δ for the Gaussian part, half for the thresholding of string categories
     n_string = sum(1 for t in columns.values() if t == "string")
+    n_numeric = len(columns) - n_string
     gauss_delta = delta / 2 if n_string else delta
     sigma = calibrate_noise(target_epsilon=epsilon, delta=gauss_delta, sample_rate=1.0, steps=1, mechanism=MECHANISM)
-    std = sigma * math.sqrt(k)
+    std = sigma * math.sqrt(2 * n_numeric + n_string)
     extra_delta = 0.0
     tau = None
     if n_string:
@@ -83,18 +85,13 @@ def dp_column_summaries(df: pd.DataFrame, columns: dict[str, str], *, epsilon: f
         s = df[name]
         if typ == "numeric":
             v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-            h = _numeric_hist(v) + noise(len(GRID) + 4)
-            h0, h1, grid = h[0], h[1], h[3:]
-            total = max(np.clip(h, 0, None).sum(), 1.0)
-            other = np.clip(grid, 0, None).sum()
-            if other / total < 0.01 and h0 + h1 > 0:
+            h = _numeric_hist(v) + noise(len(GRID) + 5)
+            h0, h1, other, grid = h[0], h[1], h[2], h[4:]
+            total = max(h0, 0) + max(h1, 0) + max(other, 0)
+            if total > 0 and max(other, 0) / total < 0.01:
                 out[name] = {"kind": "binary"}
             else:
-                # 0 and 1 are part of the continuous range: fold them back into their grid bins
-                g = grid.copy()
-                g[np.searchsorted(GRID, 0.0, side="right")] += max(h0, 0)
-                g[np.searchsorted(GRID, 1.0, side="right")] += max(h1, 0)
-                lo, hi = _bounds_from_hist(g)
+                lo, hi = _bounds_from_hist(grid, floor=std * float(norm.isf(1e-3 / len(grid))))
                 out[name] = {"kind": "continuous", "lower": lo, "upper": hi}
         else:
             vals = s.dropna().astype(str)
