@@ -1,0 +1,381 @@
+"""Privacy attacks on a synthetic table, run by the data holder against its own train (members) and holdout
+(non-members). Each result is value + 95 % CI + baseline/control; only aggregates leave this module (ROC
+points, histogram counts) — never a per-record distance.
+
+Records are compared in one encoding built from the schema (binary / one-hot as 0/1, continuous scaled to
+[0, 1] by the public bounds, a missingness indicator per nullable column): Euclidean distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.neighbors import NearestNeighbors
+
+from dpsynth.metrics.utility import feature_matrix
+from dpsynth.schema import Schema, canonical_category
+
+from .stats import Estimate, bootstrap, proportion
+
+
+@dataclass
+class AuditData:
+    """Victim sets and encodings. Holdout is split: reference half (for density-ratio) and target half."""
+
+    schema: Schema
+    columns: list[str]
+    train: np.ndarray  # all training records (encoded)
+    holdout: np.ndarray  # all holdout records (encoded)
+    members: np.ndarray  # victims sampled from train
+    nonmembers: np.ndarray  # victims from the holdout target half
+    reference: np.ndarray  # holdout reference half (never a victim)
+    synthetic: np.ndarray
+    raw_members: pd.DataFrame
+    raw_nonmembers: pd.DataFrame
+    raw_synthetic: pd.DataFrame
+    n_victims: int
+    info: dict = field(default_factory=dict)
+
+
+def encode(df: pd.DataFrame, schema: Schema, columns: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    fm = feature_matrix(df, schema)
+    if columns is not None:
+        fm = fm.reindex(columns=columns, fill_value=0.0)
+    return fm.to_numpy(dtype=np.float32), list(fm.columns)
+
+
+def prepare(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
+            max_victims: int = 2000, max_synthetic: int = 50_000, seed: int = 0) -> AuditData:
+    rng = np.random.default_rng(seed)
+    if len(holdout) < 20:
+        raise ValueError(f"the holdout has {len(holdout)} rows: at least 20 are needed for the audits")
+    hperm = rng.permutation(len(holdout))
+    half = len(holdout) // 2
+    ref_idx, tgt_idx = hperm[:half], hperm[half:]
+    m = int(min(max_victims, len(tgt_idx), len(train)))
+    mem_idx = rng.choice(len(train), m, replace=False)
+    non_idx = tgt_idx[:m]
+    syn = synthetic if len(synthetic) <= max_synthetic else synthetic.iloc[rng.choice(len(synthetic), max_synthetic, replace=False)]
+    x_train, cols = encode(train, schema)
+    enc = lambda df: encode(df, schema, cols)[0]  # noqa: E731
+    x_hold = enc(holdout)
+    return AuditData(
+        schema=schema, columns=cols, train=x_train, holdout=x_hold, members=x_train[mem_idx], nonmembers=x_hold[non_idx],
+        reference=x_hold[ref_idx], synthetic=enc(syn),
+        raw_members=train.iloc[mem_idx].reset_index(drop=True),
+        raw_nonmembers=holdout.iloc[non_idx].reset_index(drop=True),
+        raw_synthetic=syn.reset_index(drop=True), n_victims=m,
+        info={"victims_per_group": m, "train_rows": len(train), "holdout_rows": len(holdout),
+              "synthetic_rows_used": len(syn), "synthetic_rows": len(synthetic), "encoded_dims": len(cols)},
+    )
+
+
+def _nn(base: np.ndarray, query: np.ndarray, k: int = 1) -> np.ndarray:
+    nn = NearestNeighbors(n_neighbors=min(k, len(base)), algorithm="brute").fit(base)
+    d, _ = nn.kneighbors(query)
+    return d
+
+
+def _roc_points(y: np.ndarray, s: np.ndarray, n: int = 60) -> dict:
+    fpr, tpr, _ = roc_curve(y, s)
+    idx = np.unique(np.linspace(0, len(fpr) - 1, min(n, len(fpr))).astype(int))
+    return {"fpr": fpr[idx].round(4).tolist(), "tpr": tpr[idx].round(4).tolist()}
+
+
+def _tpr_at(y: np.ndarray, s: np.ndarray, fpr_max: float) -> float:
+    fpr, tpr, _ = roc_curve(y, s)
+    ok = fpr <= fpr_max
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def _score_attack(name: str, sm: np.ndarray, sn: np.ndarray, method: str) -> dict:
+    """AUC and TPR at low FPR for scores (higher = 'member'), with bootstrap CIs over victims."""
+    m = len(sm)
+    y = np.r_[np.ones(m), np.zeros(len(sn))]
+
+    def auc(idx):
+        yy = np.r_[np.ones(len(idx)), np.zeros(len(idx))]
+        return roc_auc_score(yy, np.r_[sm[idx], sn[idx]])
+
+    def tpr01(idx):
+        yy = np.r_[np.ones(len(idx)), np.zeros(len(idx))]
+        return _tpr_at(yy, np.r_[sm[idx], sn[idx]], 0.01)
+
+    s = np.r_[sm, sn]
+    return {
+        "auc": bootstrap(auc, m, baseline=0.5, method=f"{method}: ROC AUC, members vs holdout non-members").to_json(),
+        "tpr_at_fpr_1pct": bootstrap(tpr01, m, baseline=0.01, method=f"{method}: TPR at FPR ≤ 1 %").to_json(),
+        "tpr_at_fpr_0.1pct": {"value": _tpr_at(y, s, 0.001), "baseline": 0.001, "n": m},
+        "roc": _roc_points(y, s),
+    }
+
+
+# ---- membership inference -----------------------------------------------------------------------
+
+def mia_distance(a: AuditData) -> dict:
+    """Tutorial attack: 'member' if the nearest synthetic record is within a threshold."""
+    dm = _nn(a.synthetic, a.members)[:, 0]
+    dn = _nn(a.synthetic, a.nonmembers)[:, 0]
+    # threshold: 10th percentile of a fresh patient's distance to its closest training patient
+    tau = float(np.percentile(_nn(a.train, a.reference)[:, 0], 10))
+
+    def f1_at(t, idx):
+        tp = (dm[idx] <= t).sum()
+        fp = (dn[idx] <= t).sum()
+        fn = len(idx) - tp
+        return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+    m = len(dm)
+    thresholds = np.quantile(np.r_[dm, dn], np.linspace(0, 1, 41))
+    curve = []
+    for t in thresholds:
+        tp, fp = int((dm <= t).sum()), int((dn <= t).sum())
+        curve.append({"threshold": float(t), "precision": tp / (tp + fp) if tp + fp else None,
+                      "recall": tp / m, "f1": f1_at(t, np.arange(m))})
+    res = _score_attack("mia_distance", -dm, -dn, "nearest-synthetic distance")
+    tp, fp = int((dm <= tau).sum()), int((dn <= tau).sum())
+    res["f1"] = bootstrap(lambda idx: f1_at(tau, idx), m, baseline=None,
+                          method="F1 of 'member if nearest synthetic ≤ τ' (τ = 10th pct of holdout→train NN distance)").to_json()
+    res["precision"] = tp / (tp + fp) if tp + fp else None
+    res["recall"] = tp / m
+    res["threshold"] = tau
+    res["f1_curve"] = curve
+    # aggregate histogram only (bin counts), never per-record distances
+    edges = np.linspace(0, float(np.percentile(np.r_[dm, dn], 99)) or 1.0, 31)
+    res["distance_histogram"] = {"edges": edges.round(5).tolist(),
+                                 "members": np.histogram(dm, edges)[0].tolist(),
+                                 "nonmembers": np.histogram(dn, edges)[0].tolist()}
+    return res
+
+
+def mia_density(a: AuditData, k: int = 5) -> dict:
+    """DOMIAS-style local density-ratio attack: score = log d_k(x, reference) − log d_1(x, synthetic).
+
+    The distance to the nearest synthetic record is calibrated by how crowded the population (the holdout
+    reference half, never a victim) is around x: a generator that over-fits puts synthetic records closer
+    to its training patients than the population density explains, which the plain distance attack misses
+    in dense regions and over-calls in sparse ones.
+    """
+    eps = 1e-6
+    sm = np.log(_nn(a.reference, a.members, k)[:, -1] + eps) - np.log(_nn(a.synthetic, a.members)[:, 0] + eps)
+    sn = np.log(_nn(a.reference, a.nonmembers, k)[:, -1] + eps) - np.log(_nn(a.synthetic, a.nonmembers)[:, 0] + eps)
+    return _score_attack("mia_density", sm, sn, f"local density ratio (k_ref={k}, k_syn=1)")
+
+
+# ---- attribute inference -------------------------------------------------------------------------
+
+def _col_index(cols: list[str], names: list[str]) -> list[int]:
+    out = []
+    for i, c in enumerate(cols):
+        base = c.split("=")[0].split(":")[0]
+        if base in names:
+            out.append(i)
+    return out
+
+
+def default_quasi_identifiers(schema: Schema) -> list[str]:
+    qi = [c.name for c in schema.of_kind("continuous")]
+    qi += [c.name for c in schema.of_kind("binary") if c.name.lower() in ("male", "female", "sex", "gender")]
+    qi += [c.name for c in schema.of_kind("categorical") if c.name.lower() in ("sex", "gender", "race", "ethnicity")]
+    return qi
+
+
+def _binary_targets(a: AuditData, sensitive: list[str]) -> list[tuple[str, int]]:
+    """(feature name, column index) of the 0/1 features of the sensitive columns (binary value or one-hot)."""
+    out = []
+    for i, c in enumerate(a.columns):
+        if c.endswith(":missing"):
+            continue
+        base = c.split("=")[0]
+        if base in sensitive:
+            out.append((c, i))
+    return out
+
+
+def attribute_inference(a: AuditData, quasi_identifiers: list[str] | None = None, k: int = 1) -> dict:
+    """Tutorial kNN attack: QIs known, sensitive attributes predicted by majority of the k nearest synthetic
+    records; F1 per sensitive attribute, weighted by its entropy. Control: the same attack on non-members."""
+    schema = a.schema
+    qi = quasi_identifiers or default_quasi_identifiers(schema)
+    sensitive = [c.name for c in schema.modelled if c.name not in qi and c.kind in ("binary", "categorical")]
+    qi_idx = _col_index(a.columns, qi)
+    targets = _binary_targets(a, sensitive)
+    if not qi_idx or not targets:
+        return {"skipped": "no quasi-identifiers or no sensitive binary/categorical columns"}
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(a.synthetic[:, qi_idx])
+    _, im = nn.kneighbors(a.members[:, qi_idx])
+    _, inn = nn.kneighbors(a.nonmembers[:, qi_idx])
+    t_idx = [i for _, i in targets]
+    pred_m = (a.synthetic[:, t_idx][im].mean(axis=1) > 0.5)
+    pred_n = (a.synthetic[:, t_idx][inn].mean(axis=1) > 0.5)
+    true_m = a.members[:, t_idx] > 0.5
+    true_n = a.nonmembers[:, t_idx] > 0.5
+    p = np.clip(a.train[:, t_idx].mean(axis=0), 1e-9, 1 - 1e-9)
+    ent = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    w = ent / ent.sum() if ent.sum() > 0 else np.full(len(ent), 1 / len(ent))
+
+    def wf1(pred, true, idx):
+        pr, tr = pred[idx], true[idx]
+        tp = (pr & tr).sum(axis=0)
+        fp = (pr & ~tr).sum(axis=0)
+        fn = (~pr & tr).sum(axis=0)
+        den = 2 * tp + fp + fn
+        f1 = np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)
+        return float((w * f1).sum())
+
+    n = a.n_victims
+    member = bootstrap(lambda i: wf1(pred_m, true_m, i), n, baseline=None, method="entropy-weighted F1, members")
+    control = bootstrap(lambda i: wf1(pred_n, true_n, i), n, baseline=None, method="entropy-weighted F1, holdout non-members")
+    residual = bootstrap(lambda i: wf1(pred_m, true_m, i) - wf1(pred_n, true_n, i), n, baseline=0.0,
+                         method="member F1 − non-member F1 (what the release adds about its own patients)")
+    return {"quasi_identifiers": qi, "sensitive": sensitive, "k": k,
+            "member_f1": member.to_json(), "control_f1": control.to_json(), "residual": residual.to_json()}
+
+
+def inference_risk(a: AuditData, max_secrets: int = 12) -> dict:
+    """anonymeter-style inference: the attacker knows every other column and guesses the secret from the
+    nearest synthetic record. Risk = (attack − control)/(1 − control), control = holdout non-members.
+
+    The gated value pools all secrets (one guess per victim and secret): the per-secret risks are reported
+    too, but their maximum is a maximum of noisy estimates and (1 − control) is tiny for near-constant
+    columns, so it would fail independent data by chance.
+    """
+    schema = a.schema
+    secrets = [c.name for c in schema.modelled if c.kind in ("binary", "categorical")][:max_secrets]
+    per = {}
+    hits_m, hits_n = [], []
+    n = a.n_victims
+    for s in secrets:
+        s_idx = _col_index(a.columns, [s])
+        other = [i for i in range(len(a.columns)) if i not in s_idx]
+        nn = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(a.synthetic[:, other])
+        _, im = nn.kneighbors(a.members[:, other])
+        _, inn = nn.kneighbors(a.nonmembers[:, other])
+
+        def value(x):  # category index (one-hot) or 0/1
+            return x[:, s_idx].argmax(axis=1) if len(s_idx) > 1 else (x[:, s_idx[0]] > 0.5).astype(int)
+
+        hit_m = value(a.synthetic[im[:, 0]]) == value(a.members)
+        hit_n = value(a.synthetic[inn[:, 0]]) == value(a.nonmembers)
+        hits_m.append(hit_m)
+        hits_n.append(hit_n)
+        ra, rc = float(hit_m.mean()), float(hit_n.mean())
+        per[s] = {"attack_rate": ra, "control_rate": rc, "risk": (ra - rc) / (1 - rc) if rc < 1 else 0.0}
+    if not secrets:
+        return {"skipped": "no binary/categorical columns to infer"}
+    hm, hn = np.stack(hits_m, axis=1), np.stack(hits_n, axis=1)  # victims × secrets
+
+    def risk(idx):
+        ra, rc = hm[idx].mean(), hn[idx].mean()
+        return (ra - rc) / (1 - rc) if rc < 1 else 0.0
+
+    est = bootstrap(risk, n, baseline=0.0, method="pooled over secrets: (attack − control)/(1 − control)")
+    return {"secrets": secrets, "per_secret": per, "attack_rate": float(hm.mean()), "control_rate": float(hn.mean()),
+            "risk": est.to_json()}
+
+
+# ---- distance-based ------------------------------------------------------------------------------
+
+def _sample(x: np.ndarray, n: int, rng) -> np.ndarray:
+    return x if len(x) <= n else x[rng.choice(len(x), n, replace=False)]
+
+
+def _bootstrap_diff(x: np.ndarray, y: np.ndarray, reps: int = 200, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    d = [x[rng.integers(0, len(x), len(x))].mean() - y[rng.integers(0, len(y), len(y))].mean() for _ in range(reps)]
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def nnaa(a: AuditData, cap: int = 10_000, seed: int = 0) -> dict:
+    """Nearest-neighbour adversarial accuracy (Yale et al. 2020): AA_train, AA_holdout, privacy loss.
+
+    AA(T, S) = ½(P[d_TS > d_TT] + P[d_ST > d_SS]) on equal-size T and S (leave-one-out within a set); 0.5 is
+    ideal. Privacy loss = AA_holdout − AA_train: how much closer the release is to its own training patients.
+    """
+    rng = np.random.default_rng(seed)
+
+    def indicators(t: np.ndarray):
+        m = min(len(t), len(a.synthetic), cap)
+        t = _sample(t, m, rng)
+        s = _sample(a.synthetic, m, rng)
+        x = (_nn(s, t)[:, 0] > _nn(t, t, 2)[:, 1]).astype(float)
+        y = (_nn(t, s)[:, 0] > _nn(s, s, 2)[:, 1]).astype(float)
+        return np.r_[x, y]  # AA = mean of both halves (equal sizes)
+
+    it, ih = indicators(a.train), indicators(a.holdout)
+
+    def est(v, method):
+        return bootstrap(lambda i: v[i].mean(), len(v), baseline=0.5, method=method).to_json()
+
+    lo, hi = _bootstrap_diff(ih, it, seed=seed)
+    loss = float(ih.mean() - it.mean())
+    return {
+        "aa_train": est(it, f"AA(train, synthetic), {len(it) // 2} records each"),
+        "aa_holdout": est(ih, f"AA(holdout, synthetic), {len(ih) // 2} records each"),
+        "privacy_loss": {"value": loss, "ci_low": lo, "ci_high": hi, "baseline": 0.0, "n": len(it) // 2,
+                         "method": "AA_holdout − AA_train"},
+    }
+
+
+def dcr_share(a: AuditData, cap: int = 10_000, seed: int = 0) -> dict:
+    """Share of synthetic records closer to a training record than to a holdout record (equal-size sets)."""
+    rng = np.random.default_rng(seed)
+    m = min(len(a.holdout), len(a.train), cap)
+    t, h = _sample(a.train, m, rng), _sample(a.holdout, m, rng)
+    s = _sample(a.synthetic, cap, rng)
+    dt = _nn(t, s)[:, 0]
+    dh = _nn(h, s)[:, 0]
+    closer = (dt < dh).sum() + 0.5 * (dt == dh).sum()
+    return {"share": proportion(int(round(closer)), len(s), 0.5,
+                                f"share of synthetic rows closer to train than holdout ({m} records each)").to_json()}
+
+
+def _row_keys(df: pd.DataFrame, schema: Schema) -> pd.Series:
+    parts = []
+    for c in schema.modelled:
+        s = df[c.name]
+        if c.kind == "continuous":
+            v = pd.to_numeric(s, errors="coerce").round(6)
+            parts.append(v.map(lambda x: "NA" if pd.isna(x) else repr(float(x))))
+        else:
+            parts.append(s.map(lambda x: "NA" if pd.isna(x) else canonical_category(x)))
+    return pd.concat(parts, axis=1).astype(str).agg("|".join, axis=1)
+
+
+def exact_copies(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema) -> dict:
+    """Synthetic rows identical to a training row on every modelled column; control: identical to a holdout row."""
+    ks = _row_keys(synthetic, schema)
+    kt, kh = set(_row_keys(train, schema)), set(_row_keys(holdout, schema))
+    n = len(ks)
+    c_train = int(ks.isin(kt).sum())
+    c_hold = int(ks.isin(kh).sum())
+    # scale the control to the train set's size (more training rows → more chance matches)
+    control_rate = c_hold / n * (len(kt) / max(len(kh), 1))
+    return {"train_copies": proportion(c_train, n, control_rate, "synthetic rows equal to a training row").to_json(),
+            "holdout_copies": c_hold, "excess_rate": c_train / n - control_rate}
+
+
+def identifier_replay(train: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema) -> dict:
+    """Training identifier values (names, MRNs, ids) appearing in the release: exact values in identifier
+    columns, and as tokens inside text columns (values of 5+ characters, to avoid matching plain numbers)."""
+    import re
+
+    ids = set()
+    for c in schema.of_kind("identifier"):
+        if c.name in train:
+            ids |= {str(v) for v in train[c.name].dropna()}
+    found = 0
+    for c in schema.of_kind("identifier"):
+        if c.name in synthetic:
+            found += int(synthetic[c.name].dropna().astype(str).isin(ids).sum())
+    long_ids = {i for i in ids if len(i) >= 5}
+    if long_ids:
+        for c in schema.of_kind("text"):
+            if c.name in synthetic:
+                for note in synthetic[c.name].dropna().astype(str):
+                    found += sum(1 for tok in re.findall(r"[\w-]+", note) if tok in long_ids)
+    return {"replayed_values": found, "identifier_columns": [c.name for c in schema.of_kind("identifier")]}

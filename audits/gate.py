@@ -1,0 +1,68 @@
+"""The release gate: each policy check with its value, threshold and pass/fail; the verdict is their AND."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .policy import Policy
+
+
+@dataclass
+class Check:
+    check: str
+    value: float | bool | None
+    threshold: float | bool | None
+    comparison: str  # "<=", "==", "is"
+    passed: bool
+    ci: list | None = None
+    note: str = ""
+
+
+def _le(name, value, threshold, ci=None, note="") -> Check:
+    ok = value is not None and value <= threshold
+    return Check(name, value, threshold, "<=", bool(ok), ci, note if value is not None else "not measured")
+
+
+def _ci(est: dict | None):
+    return [est.get("ci_low"), est.get("ci_high")] if est and "ci_low" in est else None
+
+
+def decide(attacks: dict, dp: dict | None, policy: Policy) -> dict:
+    t = policy.thresholds
+    checks: list[Check] = []
+    dpp = policy.dp
+    if dpp.get("require_dp", True):
+        is_dp = bool(dp and dp.get("differentially_private"))
+        checks.append(Check("dp.differentially_private", is_dp, True, "is", is_dp, None,
+                            "" if dp else "no DP facts given (model manifest or synthetic provenance)"))
+        eps = dp.get("epsilon") if dp else None
+        checks.append(_le("dp.epsilon", eps, float(dpp["max_epsilon"]), note="per site; consortium ε = max"))
+        delta = dp.get("delta") if dp else None
+        checks.append(_le("dp.delta", delta, float(dpp["max_delta"])))
+
+    def est(path: list[str]):
+        node = attacks
+        for p in path:
+            if not isinstance(node, dict) or p not in node:
+                return None
+            node = node[p]
+        return node
+
+    spec = [
+        ("mia_distance.auc", ["mia_distance", "auc"], "mia_distance_auc_max"),
+        ("mia_distance.f1", ["mia_distance", "f1"], "mia_distance_f1_max"),
+        ("mia_density.auc", ["mia_density", "auc"], "mia_density_auc_max"),
+        ("mia_density.tpr_at_fpr_1pct", ["mia_density", "tpr_at_fpr_1pct"], "mia_density_tpr_at_fpr_1pct_max"),
+        ("attribute_inference.residual", ["attribute_inference", "residual"], "attribute_inference_residual_max"),
+        ("inference_risk.risk", ["inference_risk", "risk"], "inference_risk_max"),
+        ("nnaa.privacy_loss", ["nnaa", "privacy_loss"], "nnaa_privacy_loss_max"),
+        ("dcr.share", ["dcr", "share"], "dcr_share_max"),
+    ]
+    for name, path, key in spec:
+        e = est(path)
+        checks.append(_le(name, None if e is None else e.get("value"), t[key], _ci(e)))
+    checks.append(_le("exact_copies.excess_rate", est(["exact_copies", "excess_rate"]), t["exact_copy_excess_rate_max"]))
+    checks.append(_le("identifier_replay.count", est(["identifier_replay", "replayed_values"]), t["identifier_replay_max"]))
+    passed = all(c.passed for c in checks)
+    return {"verdict": "PASS" if passed else "FAIL", "passed": passed, "checks": [asdict(c) for c in checks],
+            "failed": [c.check for c in checks if not c.passed], "policy": policy.name, "policy_sha256": policy.hash()}
