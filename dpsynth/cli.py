@@ -157,6 +157,104 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def cmd_keys_new(a) -> int:
+    from .release import new_keys
+
+    priv, pub = new_keys(a.out, a.name)
+    print(f"wrote {priv} (private, mode 0600 — keep it secret) and {pub} (public, give to reviewers)")
+    return 0
+
+
+def _dp_facts(model: str | None, synthetic: str) -> tuple[dict | None, str | None, str]:
+    """(privacy facts, model manifest sha256, where they came from)."""
+    from .io_utils import read_json, sha256_file
+
+    if model:
+        mp = Path(model) / "manifest.json"
+        if not mp.exists():
+            raise DpsynthError(f"{model} is not a complete dpsynth model (no manifest.json)")
+        return read_json(mp, "model manifest")["privacy"], sha256_file(mp), f"model {model}"
+    prov = Path(str(synthetic) + ".provenance.json")
+    if prov.exists():
+        pv = read_json(prov, "provenance")
+        mp = Path(pv.get("model", "")) / "manifest.json"
+        if pv.get("model") and mp.exists() and sha256_file(mp) == pv.get("model_manifest_sha256"):
+            return read_json(mp, "model manifest")["privacy"], pv["model_manifest_sha256"], f"model {pv['model']} (via {prov.name})"
+        return ({k: pv.get(k) for k in ("differentially_private", "epsilon", "delta", "unit")},
+                pv.get("model_manifest_sha256"), str(prov))
+    return None, None, "none: pass --model"
+
+
+def cmd_audit(a) -> int:
+    from datetime import datetime, timezone
+
+    from audits.audit import run_audit
+    from audits.policy import Policy, default_policy
+    from audits.report import render
+
+    from .data.io import read_table
+    from .io_utils import sha256_file
+    from .metrics.utility import evaluate
+    from .privacy.ledger import Ledger
+    from .release import tool_versions, write_audit
+    from .schema import Schema, validate_frame
+
+    schema = Schema.load(a.schema)
+    policy = Policy.load(a.policy) if a.policy else default_policy()
+    real = validate_frame(read_table(a.real), schema, a.real)
+    hold = validate_frame(read_table(a.holdout), schema, a.holdout)
+    syn = validate_frame(read_table(a.synthetic), schema, a.synthetic)
+    dp, model_sha, dp_source = _dp_facts(a.model, a.synthetic)
+    res = run_audit(real, hold, syn, schema, policy=policy, dp=dp, progress=lambda m: print(m, file=sys.stderr))
+    util = evaluate(real, hold, syn, schema)["headline"]
+    res.update({
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "synthetic_sha256": sha256_file(a.synthetic),
+        "schema_sha256": schema.hash(),
+        "provenance": {"real_sha256": sha256_file(a.real), "holdout_sha256": sha256_file(a.holdout),
+                       "synthetic_sha256": sha256_file(a.synthetic), "schema_sha256": schema.hash(),
+                       "model_manifest_sha256": model_sha, "dp_facts_from": dp_source},
+        "utility": util,
+        "versions": tool_versions(),
+    })
+    write_audit(a.out, res, render(res), overwrite=a.overwrite)
+    log = Ledger(a.log or (Path(a.out).resolve().parent / "dpsynth-audit-log.jsonl"))
+    log.append("audit", {"synthetic_sha256": res["synthetic_sha256"], "verdict": res["gate"]["verdict"],
+                         "failed": res["gate"]["failed"], "out": str(a.out)})
+    g = res["gate"]
+    for c in g["checks"]:
+        v = c["value"]
+        vs = f"{v:.4g}" if isinstance(v, float) else str(v)
+        print(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['check']:<32} {vs:>10}  {c['comparison']} {c['threshold']}")
+    print(f"gate verdict: {g['verdict']} ({res['seconds']} s); wrote {a.out}/audit.json and {a.out}/report.html")
+    return 0 if g["passed"] else 4
+
+
+def cmd_release(a) -> int:
+    from .release import build_release
+
+    man = build_release(synthetic=a.synthetic, audit_dir=a.audit, model_dir=a.model, key_path=a.key, out=a.out,
+                        log_path=a.log, overwrite=a.overwrite)
+    print(f"signed release in {a.out}: {len(man['files'])} files, key sha256 {man['signing_key_sha256'][:16]}…")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .release import verify_log, verify_release
+
+    if a.log:
+        n = verify_log(a.log)
+        print(f"audit log {a.log}: {n} entries, hash chain intact")
+    if a.bundle:
+        if not a.public_key:
+            raise DpsynthError("--public-key is required to verify a bundle")
+        man = verify_release(a.bundle, a.public_key)
+        print(f"release {a.bundle}: signature valid, {len(man['files'])} files intact, verdict {man['audit']['verdict']}")
+    if not a.log and not a.bundle:
+        raise DpsynthError("give a bundle directory and/or --log")
+    return 0
+
+
 def budget_view(model_dir: str) -> dict:
     from .io_utils import read_json
     from .privacy.accountant import SiteAccountant
@@ -314,6 +412,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", help="binary label column for TSTR (default: the schema's label)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_evaluate)
+
+    keys = sub.add_parser("keys", help="release signing keys").add_subparsers(dest="keys_cmd", required=True)
+    s = keys.add_parser("new", help="new Ed25519 key pair (private key 0600, never overwritten)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--name", default="release")
+    s.set_defaults(func=cmd_keys_new)
+
+    s = sub.add_parser("audit", help="privacy attacks + release gate on a synthetic table")
+    s.add_argument("--real", required=True, help="training data (members)")
+    s.add_argument("--holdout", required=True, help="data no model saw (non-members, control)")
+    s.add_argument("--synthetic", required=True)
+    s.add_argument("--schema", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", help="model directory (DP facts); default: from the synthetic file's provenance")
+    s.add_argument("--policy", help="policy TOML/JSON (default: the shipped policy)")
+    s.add_argument("--log", help="hash-chained audit log (default: dpsynth-audit-log.jsonl beside --out)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("release", help="sign and export an audited release (refuses unaudited or failed ones)")
+    s.add_argument("--synthetic", required=True)
+    s.add_argument("--audit", required=True, help="directory written by `dpsynth audit`")
+    s.add_argument("--model", help="model directory (its hashes and ledger head go into the manifest)")
+    s.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--log", help="hash-chained audit log (default: dpsynth-audit-log.jsonl beside --out)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_release)
+
+    s = sub.add_parser("verify", help="verify a signed release bundle and/or an audit log")
+    s.add_argument("bundle", nargs="?")
+    s.add_argument("--public-key")
+    s.add_argument("--log", help="check the audit log's hash chain")
+    s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("budget", help="print a model's privacy spend and every mechanism")
     s.add_argument("model")
