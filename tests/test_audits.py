@@ -1,0 +1,104 @@
+"""Audit controls: releasing the training rows fails every attack; an independent draw passes."""
+
+import pandas as pd
+import pytest
+
+from audits.audit import run_audit
+from audits.policy import Policy, default_policy
+from dpsynth.errors import DpsynthError
+from dpsynth.schema import validate_frame
+
+DP = {"differentially_private": True, "epsilon": 3.0, "delta": 1e-6}
+ATTACK_CHECKS = {"mia_distance.auc", "mia_distance.f1", "mia_density.auc", "mia_density.tpr_at_fpr_1pct",
+                 "attribute_inference.residual", "inference_risk.risk", "nnaa.privacy_loss", "dcr.share",
+                 "exact_copies.excess_rate", "identifier_replay.count"}
+
+
+@pytest.fixture(scope="module")
+def frames(demo_dir, schema):
+    tr = validate_frame(pd.read_csv(demo_dir / "train.csv"), schema, "train")
+    ho = validate_frame(pd.read_csv(demo_dir / "holdout.csv"), schema, "holdout")
+    return tr, ho
+
+
+@pytest.fixture(scope="module")
+def real_copy_audit(frames, schema):
+    tr, ho = frames
+    return run_audit(tr, ho, tr, schema, dp=DP, policy=_small())
+
+
+@pytest.fixture(scope="module")
+def independent_audit(frames, schema):
+    tr, ho = frames
+    half = len(ho) // 2  # the release is one half of the holdout, the audit's non-members the other
+    return run_audit(tr, ho.iloc[:half].reset_index(drop=True), ho.iloc[half:].reset_index(drop=True), schema,
+                     dp=DP, policy=_small())
+
+
+def _small():
+    p = default_policy()
+    p.audit["max_victims"] = 1000
+    return p
+
+
+def test_positive_control_releasing_training_rows_fails_every_attack(real_copy_audit):
+    gate = real_copy_audit["gate"]
+    assert gate["verdict"] == "FAIL"
+    failed = set(gate["failed"])
+    assert ATTACK_CHECKS <= failed, ATTACK_CHECKS - failed
+    at = real_copy_audit["attacks"]
+    assert at["mia_distance"]["f1"]["value"] > 0.85  # the tutorial's ≈ 0.9 for a real-data release
+    assert at["mia_distance"]["auc"]["ci_low"] > 0.9
+
+
+def test_negative_control_independent_draw_passes(independent_audit):
+    gate = independent_audit["gate"]
+    assert gate["verdict"] == "PASS", [c for c in gate["checks"] if not c["passed"]]
+    at = independent_audit["attacks"]
+    assert at["mia_distance"]["f1"]["value"] < 0.35  # good synthetic data ≈ 0.3 in the tutorial
+    assert at["mia_distance"]["auc"]["ci_low"] < 0.5 < at["mia_distance"]["auc"]["ci_high"] + 0.02
+
+
+def test_every_result_has_value_ci_baseline_and_no_per_record_distances(independent_audit):
+    import json
+
+    at = independent_audit["attacks"]
+    for est in (at["mia_distance"]["auc"], at["mia_density"]["auc"], at["attribute_inference"]["residual"],
+                at["inference_risk"]["risk"], at["nnaa"]["privacy_loss"], at["dcr"]["share"]):
+        assert {"value", "ci_low", "ci_high", "baseline", "n"} <= set(est)
+        assert est["ci_low"] <= est["value"] <= est["ci_high"]
+    # the only arrays are aggregate: ROC points (≤ 60), histogram counts (30 bins), threshold curves (41)
+    def arrays(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                yield from arrays(v)
+        elif isinstance(node, list):
+            yield node
+            for v in node:
+                yield from arrays(v)
+    assert max(len(a) for a in arrays(at)) <= 61
+    assert independent_audit["sample"]["victims_per_group"] == 1000
+    json.dumps(independent_audit)  # serialisable
+
+
+def test_dp_facts_are_required(frames, schema):
+    tr, ho = frames
+    half = len(ho) // 2
+    res = run_audit(tr, ho.iloc[:half], ho.iloc[half:], schema, dp=None, policy=_small())
+    assert "dp.differentially_private" in res["gate"]["failed"]
+    res = run_audit(tr, ho.iloc[:half], ho.iloc[half:], schema, dp={**DP, "epsilon": 50.0}, policy=_small())
+    assert res["gate"]["failed"] == ["dp.epsilon"]
+
+
+def test_policy_file_overrides_and_rejects_unknown_keys(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text('version = 1\nname = "strict"\n[thresholds]\nmia_distance_auc_max = 0.55\n[dp]\nmax_epsilon = 3.0\n')
+    pol = Policy.load(p)
+    assert pol.thresholds["mia_distance_auc_max"] == 0.55 and pol.dp["max_epsilon"] == 3.0
+    assert pol.thresholds["dcr_share_max"] == default_policy().thresholds["dcr_share_max"]
+    p.write_text('version = 1\n[thresholds]\nmia_auc = 0.5\n')
+    with pytest.raises(DpsynthError, match="unknown threshold 'mia_auc'"):
+        Policy.load(p)
+    p.write_text('version = 2\n')
+    with pytest.raises(DpsynthError, match="version"):
+        Policy.load(p)
