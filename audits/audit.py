@@ -14,7 +14,8 @@ from .policy import Policy, default_policy
 
 
 def run_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
-              policy: Policy | None = None, dp: dict | None = None, seed: int = 0, progress=None) -> dict:
+              policy: Policy | None = None, dp: dict | None = None, seed: int = 0, progress=None,
+              empirical: bool = True) -> dict:
     """``dp``: the model's privacy facts (manifest 'privacy' section or synthetic provenance)."""
     policy = policy or default_policy()
     say = progress or (lambda msg: None)
@@ -38,6 +39,11 @@ def run_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFram
         t = time.time()
         results[name] = fn()
         timings[name] = round(time.time() - t, 3)
+    if empirical and dp and dp.get("differentially_private") and dp.get("noise_multiplier"):
+        say("audit: one-run canary audit of the DP-SGD step ...")
+        t = time.time()
+        results["empirical_epsilon"] = empirical_audit(dp, seed=seed)
+        timings["empirical_epsilon"] = round(time.time() - t, 3)
     gate = decide(results, dp, policy)
     return {
         "format": "dpsynth-audit/1",
@@ -49,3 +55,18 @@ def run_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFram
         "seconds": round(time.time() - t0, 2),
         "timings": timings,
     }
+
+
+def empirical_audit(dp: dict, *, max_steps: int = 300, seed: int | None = None) -> dict:
+    """Canary audit of the model's DP-SGD configuration (σ, q, C). Runs are capped at ``max_steps``; the
+    claimed ε is recomputed for exactly the steps run, so the comparison is like for like."""
+    from dpsynth.privacy.accountant import Mechanism, SiteAccountant
+
+    from .canary import one_run_audit
+
+    steps = int(min(dp["steps"], max_steps))
+    claimed = SiteAccountant([Mechanism("dp-sgd", dp["noise_multiplier"], dp["sample_rate"], steps)]).epsilon(dp["delta"])
+    res = one_run_audit(noise_multiplier=dp["noise_multiplier"], sample_rate=dp["sample_rate"], steps=steps,
+                        max_grad_norm=dp["max_grad_norm"], delta=dp["delta"], claimed_epsilon=claimed, seed=seed)
+    res["claimed_epsilon_note"] = f"ε of {steps} steps at the model's σ and q (the model itself: {dp.get('epsilon')})"
+    return res

@@ -63,6 +63,10 @@ def decide(attacks: dict, dp: dict | None, policy: Policy) -> dict:
         checks.append(_le(name, None if e is None else e.get("value"), t[key], _ci(e)))
     checks.append(_le("exact_copies.excess_rate", est(["exact_copies", "excess_rate"]), t["exact_copy_excess_rate_max"]))
     checks.append(_le("identifier_replay.count", est(["identifier_replay", "replayed_values"]), t["identifier_replay_max"]))
+    emp = attacks.get("empirical_epsilon")
+    if emp:
+        checks.append(_le("empirical_epsilon.lower_bound", emp["epsilon_lower_bound"], emp["claimed_epsilon"],
+                          note=f"one-run canary audit, {emp['canaries']} canaries, {emp['steps']} steps"))
     passed = all(c.passed for c in checks)
     return {"verdict": "PASS" if passed else "FAIL", "passed": passed, "checks": [asdict(c) for c in checks],
             "failed": [c.check for c in checks if not c.passed], "policy": policy.name, "policy_sha256": policy.hash()}

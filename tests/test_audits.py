@@ -1,5 +1,6 @@
 """Audit controls: releasing the training rows fails every attack; an independent draw passes."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -102,3 +103,28 @@ def test_policy_file_overrides_and_rejects_unknown_keys(tmp_path):
     p.write_text('version = 2\n')
     with pytest.raises(DpsynthError, match="version"):
         Policy.load(p)
+
+
+def test_canary_audit_flags_planted_under_noising_and_not_correct_noise():
+    from audits.canary import one_run_audit
+    from dpsynth.privacy.accountant import calibrate_noise
+
+    q, steps, delta, claimed = 0.05, 100, 1e-5, 2.0
+    sigma = calibrate_noise(target_epsilon=claimed, delta=delta, sample_rate=q, steps=steps, mechanism="sgd")
+    ok = one_run_audit(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0, delta=delta,
+                       claimed_epsilon=claimed, seed=1)
+    assert not ok["flagged"] and ok["epsilon_lower_bound"] < claimed
+    # the accountant believes σ, the optimizer adds 1 % of it
+    broken = one_run_audit(noise_multiplier=sigma * 0.01, sample_rate=q, steps=steps, max_grad_norm=1.0, delta=delta,
+                           claimed_epsilon=claimed, seed=1)
+    assert broken["flagged"] and broken["epsilon_lower_bound"] > claimed
+    assert broken["correct"] / broken["guesses"] > 0.95
+
+
+def test_epsilon_lower_bound_math():
+    from audits.canary import epsilon_lower_bound
+
+    assert epsilon_lower_bound(50, 100, delta=0, alpha=0.05) == 0.0  # chance
+    lb = epsilon_lower_bound(100, 100, delta=0, alpha=0.05)  # perfect: p^100 = 0.05 → p ≈ 0.9705
+    p = 0.05 ** (1 / 100)
+    assert abs(lb - np.log(p / (1 - p))) < 1e-3

@@ -117,9 +117,11 @@ def fake_term_grads(critic: nn.Module, fake: torch.Tensor, gp_weight: float) -> 
 
 
 def critic_step_dp(
-    *, critic, optimizer, criterion, real: torch.Tensor, fake: torch.Tensor, gp_weight: float
+    *, critic, optimizer, criterion, real: torch.Tensor, fake: torch.Tensor | None, gp_weight: float
 ) -> dict:
-    """One DP critic step (Opacus ghost clipping). Returns losses; the caller records the accountant step."""
+    """One DP critic step (Opacus ghost clipping). Returns losses; the caller records the accountant step.
+
+    ``fake=None`` runs the private part only (the canary audit measures exactly that)."""
     optimizer.zero_grad(set_to_none=False)
     params = [p for p in critic.parameters() if p.requires_grad]
     if real.shape[0] > 0:
@@ -132,9 +134,11 @@ def critic_step_dp(
         real_val = 0.0
     if not optimizer.pre_step():  # adds N(0, σ²C²), divides by the expected batch size
         raise RuntimeError("Opacus skipped a step (gradient accumulation is not used here)")
-    grads, fake_val = fake_term_grads(critic, fake, gp_weight)
-    for p, g in zip(params, grads):  # after the noise step, so it is not overwritten
-        p.grad.add_(g)
+    fake_val = 0.0
+    if fake is not None:
+        grads, fake_val = fake_term_grads(critic, fake, gp_weight)
+        for p, g in zip(params, grads):  # after the noise step, so it is not overwritten
+            p.grad.add_(g)
     optimizer.original_optimizer.step()
     return {"critic_real": real_val, "critic_fake": fake_val}
 
