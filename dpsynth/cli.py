@@ -310,15 +310,16 @@ def cmd_budget(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """Single-site demo end to end on the embedded NAFLD cohort."""
+    """Single-site demo end to end on the embedded NAFLD cohort: data → DP training → synthetic patients →
+    utility report → privacy audit → signed release → verification."""
+    import shutil
+
     out = Path(a.out)
     data, model, syn, report = out / "data", out / "model", out / "synthetic.csv", out / "report"
+    audit, release, keys = out / "audit", out / "release", out / "keys"
     if out.exists() and any(out.iterdir()):
-        if not a.overwrite:
-            print(f"{out} exists from an earlier demo: replacing its outputs (data/model/synthetic/report)")
-        import shutil
-
-        for p in (data, model, report):
+        print(f"{out} holds an earlier demo: replacing its outputs (the signing keys in {keys} are kept)")
+        for p in (data, model, report, audit, release):
             shutil.rmtree(p, ignore_errors=True)
         for p in (syn, Path(str(syn) + ".provenance.json")):
             if p.exists():
@@ -333,19 +334,31 @@ def cmd_demo(a) -> int:
         ["evaluate", "--real", str(data / "train.csv"), "--holdout", str(data / "holdout.csv"), "--synthetic", str(syn),
          "--schema", str(data / "schema.json"), "--out", str(report)],
     ]
+    if not (keys / "release.key").exists():
+        steps.append(["keys", "new", "--out", str(keys)])
+    steps += [
+        ["audit", "--real", str(data / "train.csv"), "--holdout", str(data / "holdout.csv"), "--synthetic", str(syn),
+         "--schema", str(data / "schema.json"), "--model", str(model), "--out", str(audit)],
+        ["release", "--synthetic", str(syn), "--audit", str(audit), "--model", str(model),
+         "--key", str(keys / "release.key"), "--out", str(release)],
+        ["verify", str(release), "--public-key", str(keys / "release.pub"), "--log", str(out / "dpsynth-audit-log.jsonl")],
+    ]
     for argv in steps:
         print(f"\n$ dpsynth {' '.join(argv)}", flush=True)
         rc = main(argv)
         if rc:
+            print(f"\ndemo stopped: `dpsynth {argv[0]}` exited {rc}", file=sys.stderr)
             return rc
     res = json.loads((report / "utility.json").read_text())
+    gate = json.loads((audit / "audit.json").read_text())["gate"]
+    man = json.loads((model / "manifest.json").read_text())["privacy"]
     h = res["headline"]
     print(f"\n== demo finished in {time.time() - t0:.0f}s ==")
-    print(f"model:     {model}  (dpsynth budget {model})")
-    print(f"synthetic: {syn}")
-    print(f"report:    {report / 'report.html'}")
-    print(f"TSTR/TRTR AUROC ratio {h.get('tstr_trtr_auroc_ratio')}, mean APD {h['mean_apd']:.4f}, "
-          f"correlation distance {h['correlation_distance']:.4f}")
+    print(f"privacy:   ε = {man['epsilon']:.3f}, δ = {man['delta']:g} (unit: patient; accountant {man['accountant']})")
+    print(f"utility:   TSTR/TRTR AUROC {h.get('tstr_trtr_auroc_ratio'):.3f}, mean APD {h['mean_apd']:.4f}, "
+          f"correlation distance {h['correlation_distance']:.4f}  ({report / 'report.html'})")
+    print(f"audit:     {gate['verdict']}  ({audit / 'report.html'})")
+    print(f"release:   {release}  (verify: dpsynth verify {release} --public-key {keys / 'release.pub'})")
     return 0
 
 
