@@ -27,8 +27,8 @@ class AuditData:
 
     schema: Schema
     columns: list[str]
-    train: np.ndarray  # all training records (encoded)
-    holdout: np.ndarray  # all holdout records (encoded)
+    train: np.ndarray  # training records (encoded; a sample of at most max_reference rows)
+    holdout: np.ndarray  # holdout records (encoded; a sample of at most max_reference rows)
     members: np.ndarray  # victims sampled from train
     nonmembers: np.ndarray  # victims from the holdout target half
     reference: np.ndarray  # holdout reference half (never a victim)
@@ -48,28 +48,33 @@ def encode(df: pd.DataFrame, schema: Schema, columns: list[str] | None = None) -
 
 
 def prepare(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
-            max_victims: int = 2000, max_synthetic: int = 50_000, seed: int = 0) -> AuditData:
+            max_victims: int = 2000, max_synthetic: int = 50_000, max_reference: int = 10_000, seed: int = 0) -> AuditData:
+    """Sample first, encode only what is used: large tables (180k × 1,460) stay within memory.
+
+    ``train``/``holdout`` in AuditData are samples of at most ``max_reference`` rows (DCR, NNAA, τ)."""
     rng = np.random.default_rng(seed)
     if len(holdout) < 20:
         raise ValueError(f"the holdout has {len(holdout)} rows: at least 20 are needed for the audits")
     hperm = rng.permutation(len(holdout))
     half = len(holdout) // 2
-    ref_idx, tgt_idx = hperm[:half], hperm[half:]
+    ref_idx, tgt_idx = hperm[:half][:max_reference], hperm[half:]
     m = int(min(max_victims, len(tgt_idx), len(train)))
     mem_idx = rng.choice(len(train), m, replace=False)
     non_idx = tgt_idx[:m]
-    syn = synthetic if len(synthetic) <= max_synthetic else synthetic.iloc[rng.choice(len(synthetic), max_synthetic, replace=False)]
-    x_train, cols = encode(train, schema)
+    tr_idx = np.sort(rng.choice(len(train), min(len(train), max_reference), replace=False))
+    ho_idx = np.sort(rng.choice(len(holdout), min(len(holdout), max_reference), replace=False))
+    syn = synthetic if len(synthetic) <= max_synthetic else synthetic.iloc[np.sort(rng.choice(len(synthetic), max_synthetic, replace=False))]
+    x_mem, cols = encode(train.iloc[mem_idx], schema)
     enc = lambda df: encode(df, schema, cols)[0]  # noqa: E731
-    x_hold = enc(holdout)
     return AuditData(
-        schema=schema, columns=cols, train=x_train, holdout=x_hold, members=x_train[mem_idx], nonmembers=x_hold[non_idx],
-        reference=x_hold[ref_idx], synthetic=enc(syn),
+        schema=schema, columns=cols, train=enc(train.iloc[tr_idx]), holdout=enc(holdout.iloc[ho_idx]), members=x_mem,
+        nonmembers=enc(holdout.iloc[non_idx]), reference=enc(holdout.iloc[ref_idx]), synthetic=enc(syn),
         raw_members=train.iloc[mem_idx].reset_index(drop=True),
         raw_nonmembers=holdout.iloc[non_idx].reset_index(drop=True),
         raw_synthetic=syn.reset_index(drop=True), n_victims=m,
         info={"victims_per_group": m, "train_rows": len(train), "holdout_rows": len(holdout),
-              "synthetic_rows_used": len(syn), "synthetic_rows": len(synthetic), "encoded_dims": len(cols)},
+              "reference_rows_used": int(len(tr_idx)), "synthetic_rows_used": len(syn),
+              "synthetic_rows": len(synthetic), "encoded_dims": len(cols)},
     )
 
 
@@ -119,7 +124,7 @@ def mia_distance(a: AuditData) -> dict:
     """Tutorial attack: 'member' if the nearest synthetic record is within a threshold."""
     dm = _nn(a.synthetic, a.members)[:, 0]
     dn = _nn(a.synthetic, a.nonmembers)[:, 0]
-    # threshold: 10th percentile of a fresh patient's distance to its closest training patient
+    # threshold: 10th percentile of a fresh patient's distance to its closest training patient (train sample)
     tau = float(np.percentile(_nn(a.train, a.reference)[:, 0], 10))
 
     def f1_at(t, idx):
@@ -335,15 +340,15 @@ def dcr_share(a: AuditData, cap: int = 10_000, seed: int = 0) -> dict:
 
 
 def _row_keys(df: pd.DataFrame, schema: Schema) -> pd.Series:
-    parts = []
+    """A 64-bit hash per row of the modelled columns (continuous rounded to 6 decimals, categories canonical)."""
+    cols = {}
     for c in schema.modelled:
         s = df[c.name]
-        if c.kind == "continuous":
-            v = pd.to_numeric(s, errors="coerce").round(6)
-            parts.append(v.map(lambda x: "NA" if pd.isna(x) else repr(float(x))))
+        if c.kind == "categorical":
+            cols[c.name] = s.map(lambda x: "NA" if pd.isna(x) else canonical_category(x))
         else:
-            parts.append(s.map(lambda x: "NA" if pd.isna(x) else canonical_category(x)))
-    return pd.concat(parts, axis=1).astype(str).agg("|".join, axis=1)
+            cols[c.name] = pd.to_numeric(s, errors="coerce").astype(float).round(6)
+    return pd.Series(pd.util.hash_pandas_object(pd.DataFrame(cols), index=False).to_numpy())
 
 
 def exact_copies(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema) -> dict:

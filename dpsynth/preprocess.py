@@ -93,12 +93,33 @@ class Encoder:
         return x, clipped
 
     # -------------------------------------------------------------------------------------------
-    def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """Generator output layer: sigmoid on value/missing slots, softmax on each one-hot block."""
+    def activate(self, logits: torch.Tensor, hard: bool = False) -> torch.Tensor:
+        """Generator output layer: sigmoid on value/missing slots, softmax on each one-hot block.
+
+        ``hard``: binary / missingness slots are Bernoulli draws and one-hot blocks categorical draws, with
+        straight-through gradients (the critic sees the same 0/1 support as real records, which it otherwise
+        separates trivially); a value slot is zeroed where its missingness draw is 1, as in ``transform``.
+        """
         parts = []
+        value_at: dict[str, int] = {}
         for sp in self.spans:
             z = logits[:, sp.start : sp.end]
-            parts.append(torch.softmax(z, dim=1) if sp.activation == "softmax" else torch.sigmoid(z))
+            if sp.activation == "softmax":
+                p = torch.softmax(z, dim=1)
+                if hard:
+                    h = torch.zeros_like(p).scatter_(1, torch.multinomial(p.detach(), 1), 1.0)
+                    p = h + p - p.detach()
+                parts.append(p)
+                continue
+            p = torch.sigmoid(z)
+            if hard and (sp.role == "missing" or self.schema[sp.column].kind == "binary"):
+                p = torch.bernoulli(p.detach()) + p - p.detach()
+            if hard and sp.role == "missing":  # the value slot follows its column's value slot
+                i = value_at[sp.column]
+                parts[i] = parts[i] * (1.0 - p.detach())
+            if sp.role == "value":
+                value_at[sp.column] = len(parts)
+            parts.append(p)
         return torch.cat(parts, dim=1)
 
     def inverse(self, x: np.ndarray, *, rng: np.random.Generator | None = None, n_offset: int = 0) -> pd.DataFrame:

@@ -113,6 +113,7 @@ class Constraint:
     columns: dict[str, str]
     rel_tol: float = 0.05
     description: str = ""
+    enforce: bool = True  # generation recomputes the target from the other columns (public knowledge)
 
     def validate(self, names: set[str]) -> None:
         if self.type != "bmi":
@@ -123,6 +124,18 @@ class Constraint:
         missing = [c for c in self.columns.values() if c not in names]
         if missing:
             raise SchemaError(f"constraint 'bmi' refers to columns not in the schema: {missing}")
+
+    def enforce_on(self, df: pd.DataFrame, schema: "Schema") -> int:
+        """Recompute bmi from weight and height where all three are present and the result lies within the
+        bmi column's public bounds (post-processing of synthetic records: no privacy cost). Returns rows set."""
+        c = self.columns
+        bmi, w, h = (pd.to_numeric(df[c[k]], errors="coerce") for k in ("bmi", "weight", "height"))
+        target = schema[c["bmi"]]
+        ok = bmi.notna() & w.notna() & h.notna() & (h > 0)
+        val = w / (h / 100.0) ** 2
+        ok &= (val >= target.lower) & (val <= target.upper)
+        df.loc[ok, c["bmi"]] = val[ok].round(4 if not target.integer else 0)
+        return int(ok.sum())
 
     def violations(self, df: pd.DataFrame) -> tuple[int, int]:
         """(violating rows, rows where the constraint can be checked: all columns present)."""
@@ -314,7 +327,7 @@ def validate_frame(df: pd.DataFrame, schema: Schema, source: str = "data") -> pd
             f"{source}: columns in the file but not in the schema: {extra} "
             "(add them to the schema, e.g. as kind 'identifier' to ignore them, or drop them)"
         )
-    out = pd.DataFrame(index=df.index)
+    out: dict = {}
     for col in schema.columns:
         s = df[col.name]
         where = f"{source}: column {col.name!r}"
@@ -334,11 +347,19 @@ def validate_frame(df: pd.DataFrame, schema: Schema, source: str = "data") -> pd
                 raise DataError(f"{where}: infinite {_first_bad(s, pd.Series(inf, index=s.index))}")
             out[col.name] = num.astype(float)
         elif col.kind == "binary":
-            txt = s.map(lambda v: None if pd.isna(v) else canonical_category(v).strip().lower())
-            ok = txt.isin(_TRUE | _FALSE) | isna
-            if not ok.all():
-                raise DataError(f"{where}: binary columns hold 0/1 (or true/false); got {_first_bad(s, ~ok)}")
-            out[col.name] = txt.map(lambda v: np.nan if v is None else float(v in _TRUE))
+            if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):  # vectorised fast path
+                v = s.astype(float)
+                ok = v.isin([0.0, 1.0]) | isna
+                if not ok.all():
+                    raise DataError(f"{where}: binary columns hold 0/1 (or true/false); got {_first_bad(s, ~ok)}")
+            else:
+                txt = s.map(lambda v: None if pd.isna(v) else canonical_category(v).strip().lower())
+                ok = txt.isin(_TRUE | _FALSE) | isna
+                if not ok.all():
+                    raise DataError(f"{where}: binary columns hold 0/1 (or true/false); got {_first_bad(s, ~ok)}")
+                v = txt.map(lambda t: np.nan if t is None else float(t in _TRUE))
+            # int8 where complete (wide code matrices stay small), float with NaN where values are missing
+            out[col.name] = v.astype(np.int8) if not isna.any() else v.astype(np.float32)
         elif col.kind == "categorical":
             allowed = {canonical_category(c) for c in col.categories or []}
             canon = s.map(lambda v: None if pd.isna(v) else canonical_category(v))
@@ -351,7 +372,7 @@ def validate_frame(df: pd.DataFrame, schema: Schema, source: str = "data") -> pd
             out[col.name] = canon.astype(object)
         else:  # identifier / text: carried, never modelled
             out[col.name] = s
-    return out
+    return pd.DataFrame(out, index=df.index)
 
 
 def modelled_names(schema: Schema) -> list[str]:

@@ -59,8 +59,8 @@ NOT_PRIVATE = "NOT DIFFERENTIALLY PRIVATE: trained with --non-private, for compa
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 512  # expected Poisson batch size
+    epochs: int = 120
+    batch_size: int = 1024  # expected Poisson batch size
     max_grad_norm: float = 1.0
     checkpoints: int = 5  # generator snapshots kept for selection (post-processing, free)
     select: bool = True  # DP selection among checkpoints (charged), else the last checkpoint
@@ -363,18 +363,19 @@ def train(
             for (real,) in dp_loader:
                 if not non_private and sgd_steps() >= plan.planned_steps:
                     break  # never take a step the calibration did not plan for
-                fake = encoder.activate(generator(torch.randn(config.batch_size, w.latent_dim))).detach()
+                fake = encoder.activate(generator(torch.randn(config.batch_size, w.latent_dim)), hard=w.hard_samples).detach()
                 if non_private:
                     l = critic_step_plain(critic=train_critic, optimizer=c_opt, real=real, fake=fake, gp_weight=w.gp_weight)
                 else:
                     l = critic_step_dp(
-                        critic=train_critic, optimizer=c_opt, criterion=criterion, real=real, fake=fake, gp_weight=w.gp_weight
+                        critic=train_critic, optimizer=c_opt, criterion=criterion, real=real, fake=fake, gp_weight=w.gp_weight,
+                        fake_clip=config.max_grad_norm if w.clip_fake else None,
                     )
                     accountant.step(CRITIC_MECHANISM, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
                 for _ in range(w.gen_steps_per_critic_step):
                     l["generator"] = generator_step(
                         generator=generator, critic=train_critic, encoder=encoder, optimizer=g_opt,
-                        batch_size=config.batch_size, latent_dim=w.latent_dim,
+                        batch_size=config.batch_size, latent_dim=w.latent_dim, hard=w.hard_samples,
                     )
                 ep_losses.append(l)
                 bar.update(1)

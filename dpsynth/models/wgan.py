@@ -27,12 +27,19 @@ from torch import nn
 class WGANConfig:
     latent_dim: int = 128
     gen_hidden: int = 256
-    critic_hidden: int = 256
-    gen_lr: float = 1e-3
-    critic_lr: float = 1e-3
+    critic_hidden: int = 128  # fewer critic parameters → less total noise per DP step (noise norm ∝ sqrt(P))
+    # defaults from a tuning study on the NAFLD cohort at ε = 3 (README, "How the DP-WGAN is trained"):
+    # a slower generator stops the oscillation; a small penalty once both terms are clipped
+    gen_lr: float = 1e-4
+    critic_lr: float = 3e-3
     betas: tuple[float, float] = (0.5, 0.9)
-    gp_weight: float = 10.0
+    gp_weight: float = 0.1
     gen_steps_per_critic_step: int = 1
+    # straight-through 0/1 draws for binary / missingness / categorical slots of fake records: the critic
+    # sees the same support as real records (fractional sigmoids are trivially separable from exact 0/1)
+    hard_samples: bool = True
+    # clip the D(fake) term per sample at max_grad_norm too, keeping it on the real term's scale
+    clip_fake: bool = True
 
 
 class Generator(nn.Module):
@@ -102,22 +109,59 @@ class _hooks_off:
         return False
 
 
-def fake_term_grads(critic: nn.Module, fake: torch.Tensor, gp_weight: float) -> tuple[list[torch.Tensor], float]:
-    """Gradient of mean D(fake) + λ·E[(‖∇ₓD(fake)‖ − 1)²] w.r.t. the critic's parameters (no real data)."""
-    params = [p for p in critic.parameters() if p.requires_grad]
+def fake_term_grads(
+    critic: nn.Module, fake: torch.Tensor, gp_weight: float, clip: float | None = None
+) -> tuple[list[torch.Tensor], float]:
+    """Gradient of mean D(fake) + λ·E[(‖∇ₓD(fake)‖ − 1)²] w.r.t. the critic's parameters (no real data).
+
+    ``clip``: the D(fake) term's per-sample gradients are clipped to this norm before averaging, as the real
+    term's are, so the two terms of the critic loss stay on the same scale (the penalty is not clipped).
+    """
+    params = [p for p in _plain(critic).parameters() if p.requires_grad]
     with _hooks_off(critic):
         fake = fake.detach().requires_grad_(gp_weight > 0)
         out = _plain(critic)(fake)
-        loss = out.mean()
+        loss = out.mean() if clip is None else out.new_zeros(())
         if gp_weight > 0:
             (gx,) = torch.autograd.grad(out.sum(), fake, create_graph=True)
             loss = loss + gp_weight * ((gx.norm(2, dim=1) - 1.0) ** 2).mean()
-        grads = torch.autograd.grad(loss, params)
-    return list(grads), float(loss.detach())
+        if loss.requires_grad:
+            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        else:
+            grads = [torch.zeros_like(p) for p in params]
+        if clip is not None:
+            scale = (clip / (_per_sample_grad_norms(_plain(critic), fake.detach()) + 1e-6)).clamp(max=1.0)
+            out = _plain(critic)(fake.detach()).reshape(-1)
+            clipped = torch.autograd.grad((scale * out).mean(), params)
+            grads = [g + c for g, c in zip(grads, clipped)]
+            loss = loss + out.mean()
+    return grads, float(loss.detach())
+
+
+def _per_sample_grad_norms(critic: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """‖∇_θ D(x_i)‖ per sample for the Sequential critic of Linear layers and elementwise activations
+    (ghost-norm identity: ‖g_i a_iᵀ‖ = ‖g_i‖·‖a_i‖, a bias adds ‖g_i‖²). Checked against torch.func in tests."""
+    h, acts, outs = x, [], []
+    linears = [m for m in critic.net if isinstance(m, nn.Linear)]
+    for layer in critic.net:
+        if isinstance(layer, nn.Linear):
+            acts.append(h)
+            h = layer(h)
+            outs.append(h)
+        else:
+            h = layer(h)
+    gs = torch.autograd.grad(h.sum(), outs)
+    sq = torch.zeros(x.shape[0])
+    for a, g, layer in zip(acts, gs, linears):
+        gn = (g**2).sum(1)
+        sq = sq + gn * (a.detach() ** 2).sum(1) + (gn if layer.bias is not None else 0.0)
+    return sq.sqrt()
 
 
 def critic_step_dp(
-    *, critic, optimizer, criterion, real: torch.Tensor, fake: torch.Tensor | None, gp_weight: float
+    *, critic, optimizer, criterion, real: torch.Tensor, fake: torch.Tensor | None, gp_weight: float,
+    fake_clip: float | None = None,
 ) -> dict:
     """One DP critic step (Opacus ghost clipping). Returns losses; the caller records the accountant step.
 
@@ -136,32 +180,33 @@ def critic_step_dp(
         raise RuntimeError("Opacus skipped a step (gradient accumulation is not used here)")
     fake_val = 0.0
     if fake is not None:
-        grads, fake_val = fake_term_grads(critic, fake, gp_weight)
+        grads, fake_val = fake_term_grads(critic, fake, gp_weight, fake_clip)
         for p, g in zip(params, grads):  # after the noise step, so it is not overwritten
             p.grad.add_(g)
     optimizer.original_optimizer.step()
     return {"critic_real": real_val, "critic_fake": fake_val}
 
 
-def critic_step_plain(*, critic, optimizer, real: torch.Tensor, fake: torch.Tensor, gp_weight: float) -> dict:
+def critic_step_plain(*, critic, optimizer, real: torch.Tensor, fake: torch.Tensor, gp_weight: float,
+                      fake_clip: float | None = None) -> dict:
     """Non-private critic step: the same loss with no clipping and no noise (for comparison only)."""
     optimizer.zero_grad(set_to_none=False)
     params = [p for p in critic.parameters() if p.requires_grad]
     real_loss = (-critic(real).reshape(-1)).mean() if real.shape[0] else None
     real_grads = torch.autograd.grad(real_loss, params) if real_loss is not None else [torch.zeros_like(p) for p in params]
-    grads, fake_val = fake_term_grads(critic, fake, gp_weight)
+    grads, fake_val = fake_term_grads(critic, fake, gp_weight, fake_clip)
     for p, gr, gf in zip(params, real_grads, grads):
         p.grad = gr + gf
     optimizer.step()
     return {"critic_real": float(real_loss.detach()) if real_loss is not None else 0.0, "critic_fake": fake_val}
 
 
-def generator_step(*, generator, critic, encoder, optimizer, batch_size: int, latent_dim: int) -> float:
+def generator_step(*, generator, critic, encoder, optimizer, batch_size: int, latent_dim: int, hard: bool = False) -> float:
     """Generator update: maximise D(G(z)). Gradients go to the generator only; the critic is untouched."""
     optimizer.zero_grad(set_to_none=True)
     z = torch.randn(batch_size, latent_dim)
     with _hooks_off(critic):
-        out = _plain(critic)(encoder.activate(generator(z)))
+        out = _plain(critic)(encoder.activate(generator(z), hard=hard))
         loss = -out.mean()
         gparams = [p for p in generator.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, gparams)
