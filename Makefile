@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dpsynth demo --out $(OUT)
 
+# Federated demo on 127.0.0.1: flower-superlink + 3 flower-supernode (TLS + node auth), `flwr run`, audits at
+# every site, signed release in $(OUT)/federated/run/release (see deploy/README.md).
+.PHONY: demo-federated
+demo-federated: $(STAMP)
+	$(BIN)/python -m deploy demo --out $(OUT)/federated
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -30,6 +36,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/dp_overhead.py
 	$(BIN)/python bench/utility.py
+	$(BIN)/python bench/audit_speed.py
+	$(BIN)/python bench/audit_controls.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -15,7 +15,6 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.neighbors import NearestNeighbors
 
-from dpsynth.metrics.utility import feature_matrix
 from dpsynth.schema import Schema, canonical_category
 
 from .stats import Estimate, bootstrap, proportion
@@ -40,11 +39,46 @@ class AuditData:
     info: dict = field(default_factory=dict)
 
 
+def audit_columns(schema: Schema) -> list[str]:
+    """The encoding's column names, fixed by the schema alone (never by the data)."""
+    cols: list[str] = []
+    for c in schema.modelled:
+        if c.kind == "categorical":
+            cols += [f"{c.name}={canonical_category(v)}" for v in c.categories]
+        else:
+            cols.append(c.name)
+        if c.nullable:
+            cols.append(f"{c.name}:missing")
+    return cols
+
+
 def encode(df: pd.DataFrame, schema: Schema, columns: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    fm = feature_matrix(df, schema)
-    if columns is not None:
-        fm = fm.reindex(columns=columns, fill_value=0.0)
-    return fm.to_numpy(dtype=np.float32), list(fm.columns)
+    """float32 matrix built column by column (wide tables never pass through a float64 frame):
+    binary 0/1, one-hot categories, continuous scaled to [0, 1] by the public bounds (0.5 where missing),
+    and a missingness indicator for each nullable column."""
+    cols = audit_columns(schema)
+    out = np.zeros((len(df), len(cols)), dtype=np.float32)
+    j = 0
+    for c in schema.modelled:
+        s = df[c.name]
+        miss = s.isna().to_numpy()
+        if c.kind == "categorical":
+            canon = s.map(lambda v: None if pd.isna(v) else canonical_category(v)).to_numpy()
+            for v in c.categories:
+                out[:, j] = canon == canonical_category(v)
+                j += 1
+        elif c.kind == "binary":
+            out[:, j] = np.nan_to_num(s.to_numpy(dtype=np.float32, na_value=np.nan), nan=0.0)
+            j += 1
+        else:
+            v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+            scaled = (np.clip(v, c.lower, c.upper) - c.lower) / (c.upper - c.lower)
+            out[:, j] = np.where(miss, 0.5, scaled)
+            j += 1
+        if c.nullable:
+            out[:, j] = miss
+            j += 1
+    return out, cols
 
 
 def prepare(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
@@ -340,15 +374,18 @@ def dcr_share(a: AuditData, cap: int = 10_000, seed: int = 0) -> dict:
 
 
 def _row_keys(df: pd.DataFrame, schema: Schema) -> pd.Series:
-    """A 64-bit hash per row of the modelled columns (continuous rounded to 6 decimals, categories canonical)."""
-    cols = {}
+    """A 64-bit hash per row of the modelled columns (continuous rounded to 6 decimals, categories canonical),
+    combined column by column so that wide tables need O(rows) extra memory."""
+    h = np.zeros(len(df), dtype=np.uint64)
     for c in schema.modelled:
         s = df[c.name]
         if c.kind == "categorical":
-            cols[c.name] = s.map(lambda x: "NA" if pd.isna(x) else canonical_category(x))
+            vals = s.map(lambda x: "NA" if pd.isna(x) else canonical_category(x)).to_numpy(dtype=object)
         else:
-            cols[c.name] = pd.to_numeric(s, errors="coerce").astype(float).round(6)
-    return pd.Series(pd.util.hash_pandas_object(pd.DataFrame(cols), index=False).to_numpy())
+            vals = np.round(s.to_numpy(dtype=np.float64, na_value=np.nan), 6)
+        with np.errstate(over="ignore"):
+            h = h * np.uint64(1_000_003) ^ pd.util.hash_array(vals)
+    return pd.Series(h)
 
 
 def exact_copies(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema) -> dict:

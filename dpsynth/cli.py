@@ -62,14 +62,16 @@ def cmd_schema_infer(a) -> int:
     df = read_table(a.data)
     schema = infer_schema(df, name=Path(a.data).stem, epsilon=a.epsilon, delta=a.delta)
     schema.save(out)
+    sp = schema.dp_spend
+    if sp:
+        print(f"DP schema inference spent ε={sp['epsilon']:g} (δ={sp['delta']:g}) on {a.data}; "
+              "`dpsynth train` counts it inside its --epsilon")
     if schema.status == "draft":
         pending = [c.name for c in schema.columns if c.review]
         print(f"wrote DRAFT schema {out}: {len(schema.columns)} columns; review before training: {', '.join(pending)}")
-        print("its bounds/categories were read off the data; `dpsynth train` refuses it until status is 'reviewed'")
+        print("`dpsynth train` refuses it until each 'review' note is resolved and status is 'reviewed'")
     else:
-        sp = schema.dp_spend
-        print(f"wrote DP schema {out}: spent ε={sp['epsilon']:g} (δ={sp['delta']:g}) on the data; "
-              "`dpsynth train` counts it inside its --epsilon")
+        print(f"wrote schema {out}: {len(schema.columns)} columns")
     return 0
 
 

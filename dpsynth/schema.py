@@ -468,16 +468,21 @@ def infer_schema(df: pd.DataFrame, *, name: str = "dataset", epsilon: float | No
         c, f = next(it)
         if f["kind"] == "binary":
             out.append(Column(c, "binary", nullable=True, bounds_source="dp"))
-        elif f["kind"] == "continuous":
+        elif f["kind"] == "continuous" and "lower" in f:
             integer = pd.api.types.is_integer_dtype(df[c])
             out.append(Column(c, "continuous", nullable=True, lower=f["lower"], upper=f["upper"], integer=integer,
                               bounds_source="dp"))
+        elif f["kind"] == "continuous":  # too few values for this ε: no bound is released, a person must set them
+            out.append(Column(c, "continuous", nullable=True, lower=-1e7, upper=1e7, bounds_source="dp",
+                              integer=pd.api.types.is_integer_dtype(df[c]),
+                              review="too few values to estimate bounds at this ε: set public bounds"))
         elif f["kind"] == "categorical":
             out.append(Column(c, "categorical", nullable=True, categories=f["categories"], bounds_source="dp",
                               description="categories released by a thresholded DP histogram; rarer values are "
                                           "not in the schema (map them to a listed category before training)"))
         else:
             out.append(Column(c, "identifier", description="no category passed the DP threshold: not modelled"))
-    return Schema(columns=out, name=name, status="reviewed", dp_spend=spend,
+    pending = [c.name for c in out if c.review]
+    return Schema(columns=out, name=name, status="draft" if pending else "reviewed", dp_spend=spend,
                   notes=f"Estimated with DP (epsilon={epsilon:g}, delta={delta:g}); train counts this spend inside "
                         "its --epsilon. Review the result anyway.")

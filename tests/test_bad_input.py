@@ -132,3 +132,31 @@ def test_fuzzed_values_are_accepted_or_rejected_cleanly(schema, train_df, col, v
         validate_frame(raw, schema, "fuzz.csv")
     except DataError as e:
         assert "fuzz.csv" in str(e) and repr(col) in str(e)
+
+
+def _audit(demo_dir, syn, out):
+    return main(["audit", "--real", str(demo_dir / "train.csv"), "--holdout", str(demo_dir / "holdout.csv"),
+                 "--synthetic", str(syn), "--schema", str(demo_dir / "schema.json"), "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    "content,needles",
+    [
+        ("", ["empty"]),
+        ("id,age\nSYN-1,40\n", ["columns in the schema but not in the file"]),
+    ],
+    ids=["empty-synthetic", "schema-mismatch"],
+)
+def test_audit_rejects_bad_synthetic_files(demo_dir, tmp_path, capsys, content, needles):
+    syn = tmp_path / "syn.csv"
+    syn.write_text(content)
+    expect_error(capsys, _audit(demo_dir, syn, tmp_path / "audit"), str(syn), *needles)
+    assert not (tmp_path / "audit").exists()
+
+
+def test_audit_rejects_inf_in_synthetic(demo_dir, tmp_path, capsys):
+    syn = tmp_path / "syn.csv"
+    df = pd.read_csv(demo_dir / "holdout.csv").iloc[:200]
+    df.loc[5, "bmi"] = np.inf
+    df.to_csv(syn, index=False)
+    expect_error(capsys, _audit(demo_dir, syn, tmp_path / "audit"), str(syn), "'bmi'", "infinite")

@@ -45,10 +45,11 @@ def _numeric_hist(v: np.ndarray) -> np.ndarray:
     return np.concatenate([[is0.sum(), is1.sum(), other.sum(), miss.sum()], grid_counts]).astype(float)
 
 
-def _bounds_from_hist(grid_counts: np.ndarray, floor: float, lo_q: float = 0.005, hi_q: float = 0.995) -> tuple[float, float]:
+def _bounds_from_hist(grid_counts: np.ndarray, floor: float, lo_q: float = 0.005, hi_q: float = 0.995) -> tuple[float, float] | None:
+    """Bounds from the noisy grid histogram, or None when no bin clears the noise floor (too few values)."""
     c = np.where(grid_counts > floor, grid_counts, 0.0)  # empty bins' noise would otherwise spread the bounds
     if c.sum() <= 0:
-        return 0.0, 1.0
+        return None
     cdf = np.cumsum(c) / c.sum()
     i_lo = int(np.searchsorted(cdf, lo_q))
     i_hi = int(np.searchsorted(cdf, hi_q))
@@ -91,8 +92,8 @@ def dp_column_summaries(df: pd.DataFrame, columns: dict[str, str], *, epsilon: f
             if total > 0 and max(other, 0) / total < 0.01:
                 out[name] = {"kind": "binary"}
             else:
-                lo, hi = _bounds_from_hist(grid, floor=std * float(norm.isf(1e-3 / len(grid))))
-                out[name] = {"kind": "continuous", "lower": lo, "upper": hi}
+                b = _bounds_from_hist(grid, floor=std * float(norm.isf(1e-3 / len(grid))))
+                out[name] = {"kind": "continuous", "lower": b[0], "upper": b[1]} if b else {"kind": "continuous"}
         else:
             vals = s.dropna().astype(str)
             counts = vals.value_counts()

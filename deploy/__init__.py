@@ -1,0 +1,1 @@
+"""Deployment of a dpsynth consortium: certificates, node keys, SuperLink / SuperNode processes, demo."""

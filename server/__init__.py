@@ -1,0 +1,1 @@
+"""Flower ServerApp: schema agreement, FedAvg of the DP-WGAN, consortium budget ledger, federated audit, release."""

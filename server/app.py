@@ -1,0 +1,478 @@
+"""The dpsynth ServerApp (the consortium coordinator).
+
+  1. wait for the sites (SuperNodes) to be online; at least ``min-sites`` must take part
+  2. query.hello  → every site plans the run under its own policy (ε = min(request, site cap), σ calibrated
+                   up front for rounds × local epochs) and reports its schema; schema agreement by hash —
+                   a mismatch stops the run before any training, naming the site and the differing columns
+  3. rounds      → train: sites reserve the round's spend, train locally with DP-SGD, return weights + spend;
+                   FedAvg of generator and critic weighted by expected batch counts; the consortium ledger
+                   records every site's reported spend and is printed each round
+  4. candidate   → the server samples a candidate release from the aggregated generator
+  5. evaluate.audit → every site audits the candidate against its own train/holdout (aggregates only)
+  6. gate        → the worst site decides; only on PASS is the bundle written and signed
+Faults: a site that errors, times out, disappears or sends a malformed / oversized message is dropped (and
+logged); the run goes on while ``min-sites`` sites remain, otherwise it stops and nothing is released.
+Everything is written under the absolute ``out-dir``; summary.json says how the run ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from client import wire
+from dpsynth.io_utils import atomic_write_json
+from dpsynth.models.wgan import Critic, Generator, WGANConfig, sample_encoded
+from dpsynth.preprocess import Encoder
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.schema import Schema
+
+from .strategy import ConsortiumError, check_schema_agreement, fedavg, worst_case_gate
+
+app = ServerApp()
+log = logging.getLogger("dpsynth.server")
+
+INSECURE_BANNER = "!" * 100
+
+
+@dataclass
+class RunSettings:
+    epsilon: float = 3.0
+    delta: float = 0.0  # 0: each site's default 1/(10·n)
+    rounds: int = 3
+    local_epochs: int = 2
+    batch_size: int = 256
+    models: tuple[str, ...] = ("wgan",)
+    release_rows: int = 5000
+    min_sites: int = 2
+    expected_sites: int = 3
+    out_dir: str = "out/federated"
+    key_path: str = ""
+    audit_policy: str = ""
+    audit_empirical: bool = True
+    site_utility: bool = True
+    round_timeout: float = 900.0
+    wait_for_nodes: float = 60.0
+    poll_interval: float = 0.2
+    max_grad_norm: float = 1.0
+    latent_dim: int = 128
+    gen_hidden: int = 256
+    critic_hidden: int = 128
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> "RunSettings":
+        s = cls()
+        known = {f.replace("_", "-"): f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(rc) - set(known))
+        if unknown:
+            raise ConsortiumError(f"unknown run-config keys {unknown} (known: {sorted(known)})")
+        for k, v in rc.items():
+            f = known[k]
+            cur = getattr(s, f)
+            if f == "models":
+                v = tuple(m.strip() for m in str(v).split(",") if m.strip())
+            elif isinstance(cur, bool):
+                v = bool(v)
+            elif isinstance(cur, int):
+                if int(v) != v:
+                    raise ConsortiumError(f"run-config {k} must be an integer, got {v!r}")
+                v = int(v)
+            elif isinstance(cur, float):
+                v = float(v)
+            else:
+                v = str(v)
+            setattr(s, f, v)
+        if s.min_sites < 1 or s.expected_sites < s.min_sites:
+            raise ConsortiumError(f"need 1 ≤ min-sites ≤ expected-sites, got {s.min_sites}, {s.expected_sites}")
+        return s
+
+    def wgan(self) -> WGANConfig:
+        return WGANConfig(latent_dim=self.latent_dim, gen_hidden=self.gen_hidden, critic_hidden=self.critic_hidden)
+
+
+def _setup_logging(out: Path) -> None:
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s dpsynth-server %(levelname)s %(message)s")
+    log.handlers.clear()
+    fh = logging.FileHandler(out / "logs" / "serverapp.log", encoding="utf-8")
+    fh.setFormatter(fmt)
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(fmt)
+    log.addHandler(fh)
+    log.addHandler(sh)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class Coordinator:
+    def __init__(self, grid: Grid, settings: RunSettings, run_id: str):
+        self.grid = grid
+        self.s = settings
+        self.run_id = run_id
+        out = Path(settings.out_dir)
+        if not out.is_absolute():
+            out = out.resolve()
+        self.out = out
+        self.out.mkdir(parents=True, exist_ok=True)
+        _setup_logging(self.out)
+        if not Path(settings.out_dir).is_absolute():
+            log.warning("out-dir %r is relative; the ServerApp runs in the SuperLink's working directory, so it "
+                        "resolves to %s — pass an absolute out-dir", settings.out_dir, self.out)
+        self.ledger = Ledger(self.out / "consortium-ledger.jsonl")
+        self.sites: dict[int, str] = {}  # node id → site name (alive)
+        self.dropped: dict[str, str] = {}  # site → reason
+        self.spend: dict[str, dict] = {}
+        self.rounds_done = 0
+        self.t0 = time.time()
+
+    # ---- messaging -------------------------------------------------------------------------------
+    def exchange(self, contents: dict[int, RecordDict], message_type: str, group: str, timeout: float) -> dict[int, Message | str]:
+        """Send one message per node and collect replies (fast polling). Missing replies → 'timeout'."""
+        nodes = list(contents)
+        msgs = [Message(contents[n], dst_node_id=n, message_type=message_type, group_id=group,
+                        ttl=max(timeout + 60.0, 120.0)) for n in nodes]
+        ids = list(self.grid.push_messages(msgs))
+        pending = {}
+        out: dict[int, Message | str] = {}
+        for n, mid in zip(nodes, ids):
+            if mid:
+                pending[mid] = n
+            else:
+                out[n] = "the SuperLink refused the message (malformed or too large)"
+        end = time.time() + timeout
+        while pending and time.time() < end:
+            for reply in self.grid.pull_messages(list(pending)):
+                n = pending.pop(reply.metadata.reply_to_message_id, None)
+                if n is not None:
+                    out[n] = reply
+            if pending:
+                time.sleep(self.s.poll_interval)
+        for n in pending.values():
+            out[n] = f"no reply within {timeout:.0f} s"
+        return out
+
+    def _problem(self, node: int, reply: Message | str) -> str | None:
+        if isinstance(reply, str):
+            return reply
+        if reply.has_error():
+            return f"Flower error {reply.error.code}: {reply.error.reason}"
+        if "error" in reply.content:
+            e = reply.content["error"]
+            return f"{e.get('kind')}: {e.get('message')}"
+        return None
+
+    def drop(self, node: int, reason: str) -> None:
+        site = self.sites.pop(node, f"node-{node}")
+        self.dropped[site] = reason
+        log.error("site %s dropped: %s", site, reason)
+        self.ledger.append("site-dropped", {"site": site, "reason": reason[:2000], "run_id": self.run_id})
+
+    def require_quorum(self, stage: str) -> None:
+        if len(self.sites) < self.s.min_sites:
+            raise ConsortiumError(
+                f"{stage}: only {len(self.sites)} site(s) left ({', '.join(sorted(self.sites.values())) or 'none'}), "
+                f"the run needs min-sites = {self.s.min_sites}; stopping — nothing is released. Dropped: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())))
+
+    # ---- stages ------------------------------------------------------------------------------------
+    def wait_for_nodes(self) -> list[int]:
+        end = time.time() + self.s.wait_for_nodes
+        nodes: list[int] = []
+        while time.time() < end:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.s.expected_sites:
+                break
+            time.sleep(0.5)
+        log.info("%d site node(s) online: %s (expected %d, minimum %d)", len(nodes), nodes, self.s.expected_sites,
+                 self.s.min_sites)
+        if len(nodes) < self.s.min_sites:
+            raise ConsortiumError(f"only {len(nodes)} SuperNode(s) online after {self.s.wait_for_nodes:.0f} s; "
+                                  f"min-sites = {self.s.min_sites}")
+        return nodes
+
+    def hello(self, nodes: list[int]) -> tuple[str, Schema]:
+        req = wire.config(run_id=self.run_id, epsilon=self.s.epsilon, delta=self.s.delta, rounds=self.s.rounds,
+                          local_epochs=self.s.local_epochs, batch_size=self.s.batch_size, models=list(self.s.models),
+                          max_grad_norm=self.s.max_grad_norm)
+        replies = self.exchange({n: RecordDict({"request": req}) for n in nodes}, wire.HELLO, "hello",
+                                self.s.round_timeout)
+        schemas: dict[str, tuple[str, str]] = {}
+        for n in nodes:
+            self.sites[n] = f"node-{n}"
+            r = replies[n]
+            prob = self._problem(n, r)
+            if prob is None:
+                try:
+                    h = r.content["hello"]
+                    site = str(h["site"])
+                    if site in self.sites.values():
+                        raise wire.WireError(f"two SuperNodes claim to be site {site!r}")
+                    self.sites[n] = site
+                    plan = wire.loads(h["plan"], who=site, what="plan")
+                    spend = wire.loads(h["spend"], who=site, what="spend")
+                    schemas[site] = (str(h["schema_sha256"]), str(h["schema"]))
+                    for k in ("epsilon", "delta", "noise_multiplier", "sample_rate"):
+                        wire.finite_number(plan[k], who=site, what=f"plan.{k}", lo=0)
+                    self.spend[site] = {**spend, "plan": plan}
+                    self.ledger.append("site-plan", {"site": site, "run_id": self.run_id, **{
+                        k: plan[k] for k in ("epsilon", "requested_epsilon", "policy_cap", "delta", "noise_multiplier",
+                                             "sample_rate", "planned_steps", "steps_per_round")},
+                        "prior_epsilon": plan["prior_epsilon"], "site_ledger_head": spend.get("ledger_head")})
+                    capped = " (capped by the site's policy)" if plan["epsilon"] < plan["requested_epsilon"] else ""
+                    log.info("site %s: ε target %.4g%s, δ %.3g, σ %.4g, q %.4g, %d planned DP steps, already spent "
+                             "ε %.4g", site, plan["epsilon"], capped, plan["delta"], plan["noise_multiplier"],
+                             plan["sample_rate"], plan["planned_steps"], plan["prior_epsilon"])
+                except (KeyError, TypeError, ValueError) as e:
+                    prob = f"malformed hello reply rejected: {e}"
+            if prob is not None:
+                self.drop(n, prob)
+        if schemas:
+            ref_hash, ref_json = check_schema_agreement(schemas)  # raises ConsortiumError naming the sites
+        self.require_quorum("planning")
+        log.info("schema agreement: %d sites hold schema sha256 %s…", len(schemas), ref_hash[:16])
+        self.ledger.append("schema-agreed", {"sha256": ref_hash, "sites": sorted(schemas), "run_id": self.run_id})
+        return ref_json, Schema.from_json(wire.loads(ref_json, who="sites", what="schema"), where="agreed schema")
+
+    def train_round(self, r: int, gen: dict, critic: dict, g_t: dict, c_t: dict) -> tuple[dict, dict]:
+        cfg = wire.config(round=r, wgan=wire.wgan_to_json(self.s.wgan()))
+        contents = {n: RecordDict({"generator": wire.state_to_record(gen), "critic": wire.state_to_record(critic),
+                                   "config": cfg}) for n in self.sites}
+        t = time.time()
+        replies = self.exchange(contents, wire.TRAIN, f"round-{r}", self.s.round_timeout)
+        gens, crits, weights = [], [], []
+        rows = []
+        for n, reply in replies.items():
+            site = self.sites[n]
+            prob = self._problem(n, reply)
+            if prob is None:
+                try:
+                    g = wire.record_to_state(reply.content["generator"], g_t, who=site, what="generator")
+                    c = wire.record_to_state(reply.content["critic"], c_t, who=site, what="critic")
+                    m = reply.content["metrics"]
+                    plan = self.spend[site]["plan"]
+                    steps = int(m["steps"])
+                    w = wire.finite_number(m["expected_batches"], who=site, what="expected_batches", lo=1,
+                                           hi=plan["steps_per_round"])
+                    eps = wire.finite_number(m["epsilon"], who=site, what="epsilon", lo=0)
+                    if eps > plan["epsilon"] * (1 + 1e-6):
+                        raise wire.WireError(f"{site}: reported ε {eps} above its own plan {plan['epsilon']}")
+                    if not 0 <= steps <= plan["steps_per_round"]:
+                        raise wire.WireError(f"{site}: reported {steps} steps, planned {plan['steps_per_round']}")
+                    rep = wire.loads(reply.content["report"]["spend"], who=site, what="spend report")
+                except (KeyError, TypeError, ValueError) as e:
+                    prob = f"malformed reply rejected: {e}"
+            if prob is not None:
+                self.drop(n, f"round {r}: {prob}")
+                continue
+            gens.append(g)
+            crits.append(c)
+            weights.append(w)
+            entry = {"site": site, "round": r, "run_id": self.run_id, "model": "wgan", "epsilon": eps,
+                     "delta": float(m["delta"]), "steps_round": steps, "steps_total": int(rep.get("steps", 0)),
+                     "noise_multiplier": float(m["noise_multiplier"]), "sample_rate": float(m["sample_rate"]),
+                     "expected_batches": w, "site_ledger_head": rep.get("ledger_head"), "cap": rep.get("cap"),
+                     "mechanisms": rep.get("mechanisms")}
+            self.ledger.append("site-spend", entry)
+            self.spend[site].update({k: entry[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate")})
+            self.spend[site]["steps"] = entry["steps_total"]
+            self.spend[site]["ledger_head"] = entry["site_ledger_head"]
+            rows.append(entry)
+        self.require_quorum(f"round {r}")
+        gen = fedavg(gens, weights)
+        critic = fedavg(crits, weights)
+        self.rounds_done = r
+        log.info("round %d/%d aggregated from %d site(s) in %.1f s (FedAvg weights = expected batches)", r,
+                 self.s.rounds, len(gens), time.time() - t)
+        log.info("consortium ledger after round %d:", r)
+        log.info("  %-10s %10s %10s %10s %10s %8s %8s", "site", "ε spent", "ε cap", "δ", "σ", "q", "steps")
+        for e in sorted(rows, key=lambda e: e["site"]):
+            log.info("  %-10s %10.4f %10.4g %10.3g %10.4g %8.4f %8d", e["site"], e["epsilon"], e["cap"] or float("nan"),
+                     e["delta"], e["noise_multiplier"], e["sample_rate"], e["steps_total"])
+        return gen, critic
+
+    def candidate(self, schema: Schema, gen_state: dict) -> Path:
+        enc = Encoder(schema)
+        w = self.s.wgan()
+        g = Generator(w.latent_dim, w.gen_hidden, enc.dim)
+        g.load_state_dict(gen_state)
+        x = sample_encoded(g, enc, self.s.release_rows, w.latent_dim).numpy()
+        df = enc.inverse(x, rng=np.random.default_rng())
+        for con in schema.constraints:
+            if con.enforce:
+                con.enforce_on(df, schema)
+        cand = self.out / "candidate"
+        cand.mkdir(parents=True, exist_ok=True)
+        p = cand / "synthetic.csv"
+        from dpsynth.data.io import write_table
+        from dpsynth.train import save_weights
+
+        write_table(df, p)
+        save_weights(g, cand / "generator.safetensors")
+        return p
+
+    def audit(self, syn_path: Path, policy) -> dict[str, dict]:
+        rel = ConfigRecord({"csv": syn_path.read_bytes(), "policy": wire.dumps(policy.to_json()),
+                            "empirical": bool(self.s.audit_empirical), "utility": bool(self.s.site_utility), "seed": 0})
+        replies = self.exchange({n: RecordDict({"release": rel}) for n in self.sites}, wire.AUDIT, "audit",
+                                self.s.round_timeout)
+        audits = {}
+        for n, reply in replies.items():
+            site = self.sites[n]
+            prob = self._problem(n, reply)
+            if prob is None:
+                try:
+                    a = wire.loads(reply.content["audit"]["audit"], who=site, what="audit")
+                    if not isinstance(a.get("gate", {}).get("checks"), list) or a["gate"].get("verdict") not in ("PASS", "FAIL"):
+                        raise wire.WireError(f"{site}: audit reply has no gate")
+                    audits[site] = a
+                    log.info("site %s audit: %s%s", site, a["gate"]["verdict"],
+                             "" if a["gate"]["passed"] else f" (failed: {', '.join(a['gate']['failed'])})")
+                except (KeyError, TypeError, ValueError) as e:
+                    prob = f"malformed audit reply rejected: {e}"
+            if prob is not None:
+                self.drop(n, f"audit: {prob}")
+        self.require_quorum("audit")
+        return audits
+
+    # ---- the whole run -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        from audits.policy import Policy, default_policy
+
+        s = self.s
+        summary = {"status": "failed", "run_id": self.run_id, "out_dir": str(self.out), "rounds_planned": s.rounds,
+                   "rounds_done": 0, "sites": [], "dropped_sites": {}, "release": None, "verdict": None,
+                   "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.ledger.append("run-start", {"run_id": self.run_id, "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                                                             for k, v in vars(s).items()}})
+        try:
+            policy = Policy.load(s.audit_policy) if s.audit_policy else default_policy()
+            nodes = self.wait_for_nodes()
+            schema_json, schema = self.hello(nodes)
+            enc = Encoder(schema)
+            w = s.wgan()
+            torch.manual_seed(int.from_bytes(os.urandom(8), "little") % (2**63))
+            gen = Generator(w.latent_dim, w.gen_hidden, enc.dim).state_dict()
+            critic = Critic(enc.dim, w.critic_hidden).state_dict()
+            g_t = {k: v.clone() for k, v in gen.items()}
+            c_t = {k: v.clone() for k, v in critic.items()}
+            for r in range(1, s.rounds + 1):
+                gen, critic = self.train_round(r, gen, critic, g_t, c_t)
+            summary["rounds_done"] = self.rounds_done
+            syn = self.candidate(schema, gen)
+            log.info("candidate release: %d rows sampled from the aggregated generator; sending it to %d site(s) "
+                     "for audit", s.release_rows, len(self.sites))
+            audits = self.audit(syn, policy)
+            gate = worst_case_gate(audits)
+            privacy = self.privacy_summary(audits)
+            summary.update({"sites": sorted(audits), "dropped_sites": dict(self.dropped), "verdict": gate["verdict"],
+                            "privacy": privacy, "gate": gate, "utility": {k: a.get("utility") for k, a in audits.items()},
+                            "consortium_ledger_head": None})
+            self.ledger.append("gate", {"run_id": self.run_id, "verdict": gate["verdict"], "sites": gate["sites"],
+                                        "failed": gate["failed"]})
+            summary["consortium_ledger_head"] = self.ledger.head()
+            if not gate["passed"]:
+                summary["status"] = "refused"
+                summary["message"] = ("the release gate FAILED at " + ", ".join(s_ for s_, v in gate["sites"].items()
+                                                                                if v != "PASS") + ": nothing is released")
+                log.error(summary["message"])
+                Ledger(self.out / "dpsynth-audit-log.jsonl").append("release-refused", {
+                    "run_id": self.run_id, "failed": gate["failed"]})
+                return summary
+            from .bundle import write_bundle
+
+            key = self.signing_key()
+            release = self.out / "release"
+            man = write_bundle(out=release, synthetic_csv=syn, key_path=key, gate=gate, site_audits=audits,
+                               summary=summary, generator_file=syn.parent / "generator.safetensors",
+                               schema_json=schema_json, policy=policy.to_json(), policy_sha256=policy.hash())
+            Ledger(self.out / "dpsynth-audit-log.jsonl").append("release-signed", {
+                "run_id": self.run_id, "out": str(release), "verdict": "PASS",
+                "manifest_sha256": __import__("hashlib").sha256((release / "manifest.json").read_bytes()).hexdigest()})
+            self.ledger.append("release-signed", {"run_id": self.run_id, "out": str(release),
+                                                  "signing_key_sha256": man["signing_key_sha256"]})
+            summary.update({"status": "released", "release": str(release),
+                            "public_key": str(Path(key).with_suffix(".pub"))})
+            return summary
+        except ConsortiumError as e:
+            summary["message"] = str(e)
+            summary["dropped_sites"] = dict(self.dropped)
+            summary["rounds_done"] = self.rounds_done
+            log.error("run stopped: %s", e)
+            self.ledger.append("run-failed", {"run_id": self.run_id, "reason": str(e)[:4000]})
+            return summary
+        except Exception as e:  # noqa: BLE001 - recorded, then re-raised for Flower to mark the run failed
+            summary["message"] = f"internal error: {type(e).__name__}: {e}"
+            log.exception("run failed")
+            self.ledger.append("run-failed", {"run_id": self.run_id, "reason": summary["message"][:4000]})
+            raise
+        finally:
+            summary["seconds"] = round(time.time() - self.t0, 1)
+            summary["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            atomic_write_json(self.out / "summary.json", summary)
+            log.info("summary: %s (%s) in %.0f s; written to %s", summary["status"], summary.get("message") or
+                     summary.get("release"), summary["seconds"], self.out / "summary.json")
+
+    def privacy_summary(self, audits: dict[str, dict]) -> dict:
+        sites = {}
+        for site, sp in sorted(self.spend.items()):
+            if "epsilon" not in sp or "noise_multiplier" not in sp:
+                continue
+            sites[site] = {"epsilon": sp["epsilon"], "delta": sp["delta"], "noise_multiplier": sp["noise_multiplier"],
+                           "sample_rate": sp["sample_rate"], "steps": sp.get("steps"), "cap": sp.get("plan", {}).get("epsilon"),
+                           "ledger_head": (audits.get(site, {}).get("spend") or {}).get("ledger_head", sp.get("ledger_head")),
+                           "audited": site in audits}
+        eps = [v["epsilon"] for v in sites.values()]
+        deltas = [v["delta"] for v in sites.values()]
+        return {
+            "differentially_private": True,
+            "unit": "patient",
+            "adjacency": "add/remove one patient (one row per patient)",
+            "accountant": "opacus-prv (per site, persisted across rounds and restarts)",
+            "composition": "sites hold disjoint patients: consortium ε = max site ε (parallel composition)",
+            "consortium_epsilon": max(eps) if eps else None,
+            "consortium_delta": max(deltas) if deltas else None,
+            "sites": sites,
+            "sampling": "Poisson (Opacus DPDataLoader) at every site",
+            "preprocessing": "public bounds from the agreed schema",
+        }
+
+    def signing_key(self) -> Path:
+        from dpsynth.release import new_keys
+
+        if self.s.key_path:
+            key = Path(self.s.key_path)
+            if not key.exists():
+                raise ConsortiumError(f"signing key {key} does not exist")
+            return key
+        key = self.out / "keys" / "release.key"
+        if not key.exists():
+            new_keys(self.out / "keys")
+            log.info("created a signing key pair in %s", self.out / "keys")
+        return key
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    run_id = f"{context.run_id}-{uuid.uuid4().hex[:8]}"
+    coord = Coordinator(grid, settings, run_id)
+    log.info("dpsynth consortium run %s: ε %.3g requested per site, %d rounds × %d local epochs, models %s, "
+             "min-sites %d, out %s", run_id, settings.epsilon, settings.rounds, settings.local_epochs,
+             ",".join(settings.models), settings.min_sites, coord.out)
+    summary = coord.run()
+    if summary["status"] == "released":
+        log.info("RELEASED: %s", summary["release"])
+    else:
+        log.error("NOT RELEASED: %s", summary.get("message"))

@@ -1,0 +1,249 @@
+"""The consortium logic without processes: wire checks, FedAvg, schema agreement, the worst-site gate, and
+the real ServerApp coordinator driving the real ClientApp through an in-process grid (fast). The same code
+runs under real Flower processes in tests/test_federation_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client import wire
+from server.strategy import ConsortiumError, check_schema_agreement, fedavg, worst_case_gate
+
+FAST = {"rounds": 2, "local-epochs": 1, "batch-size": 512, "release-rows": 800, "audit-empirical": False,
+        "site-utility": False, "latent-dim": 16, "gen-hidden": 32, "critic-hidden": 32, "min-sites": 2,
+        "expected-sites": 3, "wait-for-nodes": 1.0, "round-timeout": 120.0, "poll-interval": 0.01}
+
+
+# ---- units ---------------------------------------------------------------------------------------------
+
+def test_fedavg_weights_by_expected_batches():
+    a = {"w": torch.zeros(2, 2)}
+    b = {"w": torch.ones(2, 2)}
+    out = fedavg([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.full((2, 2), 0.75))
+    with pytest.raises(ConsortiumError):
+        fedavg([a, b], [1, 0])
+
+
+def test_weights_are_checked_on_arrival():
+    tmpl = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    rec = wire.state_to_record({"w": torch.ones(2, 3), "b": torch.ones(3)})
+    out = wire.record_to_state(rec, tmpl, who="site x", what="critic")
+    assert torch.equal(out["w"], torch.ones(2, 3))
+    bad = {
+        "shape": wire.state_to_record({"w": torch.ones(3, 2), "b": torch.ones(3)}),
+        "NaN": wire.state_to_record({"w": torch.full((2, 3), float("nan")), "b": torch.ones(3)}),
+        "unexpected": wire.state_to_record({"w": torch.ones(2, 3), "b": torch.ones(3), "x": torch.ones(1)}),
+        "dtype": ArrayRecord([np.ones((2, 3), dtype=np.float64), np.ones(3, dtype=np.float32)]),
+    }
+    for what, rec in bad.items():
+        with pytest.raises(wire.WireError, match="site x"):
+            wire.record_to_state(rec, tmpl, who="site x", what="critic")
+
+
+def test_oversized_and_non_finite_json_is_rejected():
+    with pytest.raises(wire.WireError, match="more than"):
+        wire.loads("[" + "1," * 100 + "1]", who="s", what="audit", limit=50)
+    with pytest.raises(wire.WireError, match="not valid JSON"):
+        wire.loads('{"x": NaN}', who="s", what="audit")
+    with pytest.raises(wire.WireError):
+        wire.finite_number(float("inf"), who="s", what="epsilon")
+
+
+def test_schema_mismatch_names_the_site_and_the_columns(schema):
+    good = schema.to_json()
+    bad = json.loads(json.dumps(good))
+    for c in bad["columns"]:
+        if c["name"] == "age":
+            c["upper"] = 150
+    bad["columns"] = [c for c in bad["columns"] if c["name"] != "smoking"]
+    h_good, h_bad = "a" * 64, "b" * 64
+    ok = check_schema_agreement({"a": (h_good, json.dumps(good)), "b": (h_good, json.dumps(good))})
+    assert ok[0] == h_good
+    with pytest.raises(ConsortiumError) as e:
+        check_schema_agreement({"a": (h_good, json.dumps(good)), "b": (h_good, json.dumps(good)),
+                                "c": (h_bad, json.dumps(bad))})
+    msg = str(e.value)
+    assert "site 'c'" in msg and "age" in msg and "upper" in msg and "smoking (missing at the site)" in msg
+    assert "site 'a'" not in msg
+
+
+def test_the_worst_site_decides_the_gate():
+    def audit(verdict, value):
+        return {"gate": {"verdict": verdict, "passed": verdict == "PASS", "failed": [] if verdict == "PASS" else ["dcr.share"],
+                         "checks": [{"check": "dcr.share", "value": value, "threshold": 0.6, "comparison": "<=",
+                                     "passed": value <= 0.6}]}}
+    g = worst_case_gate({"a": audit("PASS", 0.5), "b": audit("PASS", 0.55)})
+    assert g["passed"] and g["worst_checks"][0]["site"] == "b"
+    g = worst_case_gate({"a": audit("PASS", 0.5), "b": audit("FAIL", 0.9)})
+    assert not g["passed"] and g["failed"] == ["b:dcr.share"] and g["worst_checks"][0]["site"] == "b"
+    assert not worst_case_gate({})["passed"]
+
+
+def test_unknown_run_config_keys_are_refused():
+    from server.app import RunSettings
+
+    s = RunSettings.from_run_config({"epsilon": 2, "rounds": 4, "models": "wgan"})
+    assert s.epsilon == 2.0 and s.rounds == 4 and s.models == ("wgan",)
+    with pytest.raises(ConsortiumError, match="unknown run-config"):
+        RunSettings.from_run_config({"epsilonn": 2})
+
+
+# ---- the coordinator and the ClientApp, in process ---------------------------------------------------
+
+class InProcessGrid:
+    """Delivers each message to the real ClientApp with a per-node Context (state kept across messages)."""
+
+    def __init__(self, node_configs: dict[int, dict], tamper=None):
+        from client.app import app as client_app
+
+        self.client_app = client_app
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config={})
+                         for n, cfg in node_configs.items()}
+        self.replies: dict[str, Message] = {}
+        self.tamper = tamper or {}
+        self.dead: set[int] = set()
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.dead]
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            n = m.metadata.dst_node_id
+            if n not in self.dead:
+                reply = self.client_app(m, self.contexts[n])
+                if n in self.tamper:
+                    reply = self.tamper[n](m, reply)
+                if reply is not None:
+                    self.replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def _nodes(demo_dir, tmp_path, caps=None, schema_for=None):
+    caps = caps or {"a": 3.0, "b": 3.0, "c": 2.0}
+    cfgs = {}
+    for i, s in enumerate(sorted(caps), start=1):
+        pol = tmp_path / f"policy_{s}.toml"
+        pol.write_text(f"max_epsilon = {caps[s]}\ndelta = 1e-5\nmin_patients = 100\n")
+        cfg = {"site": s, "data-path": str(demo_dir / f"site_{s}.csv"), "site-dir": str(tmp_path / "sites" / s),
+               "policy-path": str(pol)}
+        if schema_for and s in schema_for:
+            cfg["schema-path"] = str(schema_for[s])
+        cfgs[100 + i] = cfg
+    return cfgs
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages created in a ServerApp carry the run's identity; the runtime sets it, here we do."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def _run(grid, tmp_path, **overrides):
+    from server.app import Coordinator, RunSettings
+
+    rc = dict(FAST)
+    rc.update(overrides)
+    rc["out-dir"] = str(tmp_path / "run")
+    coord = Coordinator(grid, RunSettings.from_run_config(rc), run_id="test-run")
+    return coord.run()
+
+
+def test_in_process_federation_trains_audits_and_signs(demo_dir, tmp_path):
+    from dpsynth.release import verify_release
+
+    grid = InProcessGrid(_nodes(demo_dir, tmp_path))
+    s = _run(grid, tmp_path, epsilon=50.0)  # a greedy coordinator: every site caps it at its policy
+    assert s["status"] == "released", s.get("message")
+    man = verify_release(s["release"], tmp_path / "run" / "keys" / "release.pub")
+    sites = man["privacy"]["sites"]
+    assert set(sites) == {"a", "b", "c"}
+    assert sites["c"]["epsilon"] <= 2.0 * (1 + 1e-6) and sites["a"]["epsilon"] <= 3.0 * (1 + 1e-6)
+    assert man["privacy"]["consortium_epsilon"] == max(v["epsilon"] for v in sites.values())
+    from dpsynth.privacy.ledger import Ledger
+
+    for site in "abc":  # every site's budget-ledger head is in the signed manifest and matches the site's file
+        head = Ledger(tmp_path / "sites" / site / "ledger.jsonl").verify()
+        assert man["sites"][site]["ledger_head"] == head
+    from dpsynth.privacy.ledger import Ledger
+
+    events = [e["event"] for e in Ledger(tmp_path / "run" / "consortium-ledger.jsonl").entries()]
+    assert events.count("site-spend") == 6 and events[-1] == "release-signed"
+    # Context.state mirrors the site's accountant across rounds
+    st = json.loads(grid.contexts[101].state["dpsynth-site"]["state"])
+    assert st["accountant"]["history"][0]["steps"] > 0
+
+
+def test_malformed_weights_from_one_site_are_rejected_and_the_run_goes_on(demo_dir, tmp_path):
+    def nan_weights(msg, reply):
+        if msg.metadata.message_type == "train":
+            g = reply.content["generator"]
+            k = next(iter(g.keys()))
+            arr = g[k].numpy().copy()
+            arr[...] = np.nan
+            from flwr.app import Array
+
+            g[k] = Array.from_numpy_ndarray(arr)
+        return reply
+
+    grid = InProcessGrid(_nodes(demo_dir, tmp_path), tamper={103: nan_weights})
+    s = _run(grid, tmp_path)
+    assert s["status"] == "released"
+    assert set(s["sites"]) == {"a", "b"} and "NaN" in s["dropped_sites"]["c"]
+    log = (tmp_path / "run" / "logs" / "serverapp.log").read_text()
+    assert "site c dropped" in log and "NaN" in log
+
+
+def test_schema_mismatch_stops_before_training(demo_dir, tmp_path, schema):
+    d = schema.to_json()
+    for c in d["columns"]:
+        if c["name"] == "bmi":
+            c["upper"] = 70.0
+    p = tmp_path / "schema_c.json"
+    p.write_text(json.dumps(d))
+    grid = InProcessGrid(_nodes(demo_dir, tmp_path, schema_for={"c": p}))
+    s = _run(grid, tmp_path)
+    assert s["status"] == "failed" and s["rounds_done"] == 0 and s["release"] is None
+    assert "site 'c'" in s["message"] and "bmi" in s["message"]
+    assert not (tmp_path / "run" / "release").exists()
+    for site in "abc":  # nobody spent anything
+        st = json.loads((tmp_path / "sites" / site / "state.json").read_text())
+        assert sum(m["steps"] for m in st["accountant"]["history"]) == 0
+
+
+def test_too_few_sites_left_stops_cleanly_and_releases_nothing(demo_dir, tmp_path):
+    def die_in_round_1(msg, reply):
+        return None if msg.metadata.message_type == "train" else reply
+
+    grid = InProcessGrid(_nodes(demo_dir, tmp_path), tamper={102: die_in_round_1, 103: die_in_round_1})
+    s = _run(grid, tmp_path, **{"round-timeout": 1.0})
+    assert s["status"] == "failed" and "min-sites = 2" in s["message"]
+    assert not (tmp_path / "run" / "release").exists()
+    assert "run-failed" in (tmp_path / "run" / "consortium-ledger.jsonl").read_text()
+
+
+def test_site_refusing_a_model_is_dropped_with_its_reason(demo_dir, tmp_path):
+    grid = InProcessGrid(_nodes(demo_dir, tmp_path))
+    s = _run(grid, tmp_path, models="wgan,text")
+    assert s["status"] == "failed"
+    assert "not allowed" in s["message"]

@@ -1,0 +1,196 @@
+"""Real Flower processes on 127.0.0.1: flower-superlink (TLS + SuperNode auth), flower-supernode per site,
+`flwr supernode register`, `flwr run`. Small models so the runs stay short on 2 cores.
+
+The fault tests (a SuperNode SIGKILLed mid-run: the SuperLink notices only after its heartbeat timeout,
+~60 s) are marked slow; run them with `make test-slow`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.local import LocalConsortium
+
+E2E = {"rounds": 2, "local-epochs": 1, "batch-size": 512, "release-rows": 800, "audit-empirical": False,
+       "site-utility": False, "latent-dim": 16, "gen-hidden": 32, "critic-hidden": 32, "min-sites": 2,
+       "expected-sites": 3, "wait-for-nodes": 60.0, "round-timeout": 300.0}
+CAPS = {"a": 3.0, "b": 3.0, "c": 2.0}
+
+
+def _policies(d: Path) -> dict[str, Path]:
+    out = {}
+    for s, cap in CAPS.items():
+        p = d / f"policy_{s}.toml"
+        p.write_text(f'max_epsilon = {cap}\ndelta = 1e-5\nallowed_models = ["wgan"]\nmin_patients = 100\n')
+        out[s] = p
+    return out
+
+
+def _start(fed: LocalConsortium, demo_dir: Path, root: Path, sites=("a", "b", "c")) -> None:
+    pol = _policies(root)
+    fed.start_superlink()
+    for s in sites:
+        fed.register(s)
+    for s in sites:
+        fed.start_supernode(s, data_path=demo_dir / f"site_{s}.csv", site_dir=root / "sites" / s, policy_path=pol[s])
+
+
+def _run(fed: LocalConsortium, root: Path, name: str, **overrides) -> dict:
+    rc = dict(E2E)
+    rc.update(overrides)
+    rc["out-dir"] = str(root / name)
+    fed.run_app(rc, timeout=600, echo=False)
+    p = root / name / "summary.json"
+    assert p.exists(), (fed.logs / "flwr_run.log").read_text()[-4000:]
+    return json.loads(p.read_text())
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory, demo_dir):
+    root = tmp_path_factory.mktemp("consortium")
+    fed = LocalConsortium(root)
+    try:
+        _start(fed, demo_dir, root)
+        yield fed, root
+    finally:
+        fed.stop()
+
+
+@pytest.fixture(scope="module")
+def first_run(consortium):
+    fed, root = consortium
+    t = time.time()
+    s = _run(fed, root, "run1", epsilon=50.0)  # greedy coordinator: every site must cap it at its own policy
+    s["_seconds"] = time.time() - t
+    return s
+
+
+def test_three_sites_train_audit_and_release_over_tls_with_node_auth(consortium, first_run):
+    from dpsynth.privacy.ledger import Ledger
+    from dpsynth.release import verify_release
+
+    fed, root = consortium
+    s = first_run
+    assert s["status"] == "released", s.get("message")
+    man = verify_release(s["release"], root / "run1" / "keys" / "release.pub")
+    sites = man["privacy"]["sites"]
+    assert set(sites) == {"a", "b", "c"}
+    for site, cap in CAPS.items():  # the site policy wins over the greedy ε = 50 request
+        assert sites[site]["epsilon"] <= cap * (1 + 1e-6)
+        assert sites[site]["cap"] == cap
+        assert man["sites"][site]["ledger_head"] == Ledger(root / "sites" / site / "ledger.jsonl").verify()
+    assert man["privacy"]["consortium_epsilon"] == pytest.approx(max(v["epsilon"] for v in sites.values()))
+    assert man["audit"]["verdict"] == "PASS"
+    # TLS and node authentication were on; every process has its own log
+    cmd = (fed.logs / "superlink.log").read_text().splitlines()[0]
+    assert "--enable-supernode-auth" in cmd and "--ssl-certfile" in cmd and "--insecure" not in cmd
+    for name in ("superlink", "supernode_a", "supernode_b", "supernode_c", "flwr_run", "register_a"):
+        assert (fed.logs / f"{name}.log").exists()
+    assert (root / "run1" / "logs" / "serverapp.log").exists()
+    assert "consortium ledger after round 2" in (root / "run1" / "logs" / "serverapp.log").read_text()
+
+
+def test_an_unregistered_node_is_refused(consortium, first_run, tmp_path):
+    from deploy.certs import make_node_key
+
+    fed, root = consortium
+    key, _pub = make_node_key(tmp_path, "intruder")  # never registered
+    p = fed.start_supernode("x", data_path=root / "policy_a.toml", site_dir=tmp_path / "x", policy_path=None,
+                            key=key, name="supernode_intruder")
+    try:
+        p.popen.wait(timeout=90)
+    finally:
+        fed.stop_one("supernode_intruder")
+    assert p.popen.returncode not in (0, None)
+    text = p.log_text()
+    assert "Failed to initialize the connection" in text or "2004" in text, text[-2000:]
+
+
+def test_schema_mismatch_stops_the_run_naming_the_site(consortium, first_run, demo_dir, tmp_path, schema):
+    fed, root = consortium
+    d = schema.to_json()
+    for c in d["columns"]:
+        if c["name"] == "sbp":
+            c["upper"] = 300.0
+    bad = tmp_path / "schema_d.json"
+    bad.write_text(json.dumps(d))
+    fed.register("d")
+    fed.start_supernode("d", data_path=demo_dir / "site_a.csv", site_dir=tmp_path / "site_d",
+                        policy_path=root / "policy_a.toml", extra_node_config={"schema-path": str(bad)})
+    try:
+        s = _run(fed, root, "run_mismatch", **{"expected-sites": 4})
+    finally:
+        fed.stop_one("supernode_d")
+    assert s["status"] == "failed" and s["release"] is None and s["rounds_done"] == 0
+    assert "site 'd'" in s["message"] and "sbp" in s["message"]
+    assert not (root / "run_mismatch" / "release").exists()
+
+
+# ---- faults (slow: the SuperLink notices a killed SuperNode only after its heartbeat timeout) --------------
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _reserved_rounds(site_dir: Path) -> int:
+    p = site_dir / "ledger.jsonl"
+    if not p.exists():
+        return 0
+    return sum(1 for line in p.read_text().splitlines() if '"event": "reserve"' in line)
+
+
+@pytest.mark.slow
+def test_killed_node_run_finishes_with_the_rest_and_restart_resumes_the_budget(tmp_path, demo_dir):
+    from dpsynth.privacy.ledger import Ledger
+
+    with LocalConsortium(tmp_path) as fed:
+        _start(fed, demo_dir, tmp_path)
+        holder = {}
+        t = threading.Thread(target=lambda: holder.setdefault("s", _run(fed, tmp_path, "run_kill", rounds=3)))
+        t.start()
+        _wait_for(lambda: _reserved_rounds(tmp_path / "sites" / "c") >= 1, 300, "site c to reserve round 1")
+        fed.kill("supernode_c", signal.SIGKILL)
+        t.join(timeout=600)
+        s = holder["s"]
+        assert s["status"] == "released", s.get("message")
+        assert set(s["sites"]) == {"a", "b"} and "c" in s["dropped_sites"]
+        # the killed site's ledger is consistent and its spend (charged at reservation) is on disk
+        head = Ledger(tmp_path / "sites" / "c" / "ledger.jsonl").verify()
+        st = json.loads((tmp_path / "sites" / "c" / "state.json").read_text())
+        spent_steps = sum(m["steps"] for m in st["accountant"]["history"])
+        assert spent_steps > 0 and head
+        # restarted, it resumes with its spent budget
+        fed.start_supernode("c", data_path=demo_dir / "site_c.csv", site_dir=tmp_path / "sites" / "c",
+                            policy_path=tmp_path / "policy_c.toml")
+        s2 = _run(fed, tmp_path, "run_after_restart", rounds=1)
+        assert s2["status"] in ("released", "refused"), s2.get("message")
+        plans = [e for e in Ledger(tmp_path / "sites" / "c" / "ledger.jsonl").entries() if e["event"] == "plan"]
+        assert plans[-1]["data"]["prior_epsilon"] > 0
+        st2 = json.loads((tmp_path / "sites" / "c" / "state.json").read_text())
+        assert sum(m["steps"] for m in st2["accountant"]["history"]) > spent_steps
+
+
+@pytest.mark.slow
+def test_killed_node_below_min_sites_stops_cleanly_and_releases_nothing(tmp_path, demo_dir):
+    with LocalConsortium(tmp_path) as fed:
+        _start(fed, demo_dir, tmp_path)
+        holder = {}
+        t = threading.Thread(target=lambda: holder.setdefault(
+            "s", _run(fed, tmp_path, "run_kill3", rounds=3, **{"min-sites": 3})))
+        t.start()
+        _wait_for(lambda: _reserved_rounds(tmp_path / "sites" / "c") >= 1, 300, "site c to reserve round 1")
+        fed.kill("supernode_c", signal.SIGKILL)
+        t.join(timeout=600)
+        s = holder["s"]
+        assert s["status"] == "failed" and "min-sites = 3" in s["message"]
+        assert not (tmp_path / "run_kill3" / "release").exists()

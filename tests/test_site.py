@@ -1,0 +1,144 @@
+"""Site-side budget governance (dpsynth.site, no Flower): policy, calibration, reservation, restart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpsynth.errors import BudgetExceededError
+from dpsynth.models.wgan import WGANConfig
+from dpsynth.privacy.ledger import Ledger
+from dpsynth.site import RunRequest, Site, SitePolicy, SitePolicyError, local_dp_round
+
+SMALL = WGANConfig(latent_dim=16, gen_hidden=32, critic_hidden=32)
+
+
+def _site(tmp_path, demo_dir, cap=2.0, name="a", **pol):
+    policy = SitePolicy(max_epsilon=cap, min_patients=100, name=f"test-{name}", **pol)
+    return Site(tmp_path / f"site_{name}", name=name, data_path=demo_dir / f"site_{name}.csv", policy=policy)
+
+
+def _req(run_id="r1", epsilon=50.0, rounds=2, local_epochs=1, batch_size=512, models=("wgan",)):
+    return RunRequest(run_id=run_id, epsilon=epsilon, rounds=rounds, local_epochs=local_epochs,
+                      batch_size=batch_size, models=list(models))
+
+
+def test_policy_file_is_parsed_and_unknown_keys_are_refused(tmp_path):
+    p = tmp_path / "policy.toml"
+    p.write_text('max_epsilon = 2.5\nallowed_models = ["wgan"]\nmin_patients = 300\n')
+    pol = SitePolicy.load(p)
+    assert pol.max_epsilon == 2.5 and pol.min_patients == 300 and pol.allowed_models == ["wgan"]
+    p.write_text("max_epsilon = 2.5\nmax_epsilonn = 100\n")
+    with pytest.raises(SitePolicyError, match="unknown keys"):
+        SitePolicy.load(p)
+    p.write_text("min_patients = 3\n")
+    with pytest.raises(SitePolicyError, match="max_epsilon is required"):
+        SitePolicy.load(p)
+
+
+def test_greedy_request_is_capped_by_the_site_policy(tmp_path, demo_dir):
+    site = _site(tmp_path, demo_dir, cap=2.0)
+    plan = site.plan_run(_req(epsilon=50.0))
+    assert plan.epsilon == 2.0 and plan.requested_epsilon == 50.0 and plan.policy_cap == 2.0
+    acc = site.accountant
+    from dpsynth.privacy.accountant import Mechanism
+    from dpsynth.train import CRITIC_MECHANISM
+
+    full = acc.epsilon(plan.delta, [Mechanism(CRITIC_MECHANISM, plan.noise_multiplier, plan.sample_rate, plan.planned_steps)])
+    assert full <= 2.0 * (1 + 1e-6)  # calibrated up front for rounds × local epochs
+    assert full > 1.9  # and not wastefully over-noised
+
+
+def test_disallowed_model_and_too_few_patients_are_refused(tmp_path, demo_dir):
+    site = _site(tmp_path, demo_dir)
+    with pytest.raises(SitePolicyError, match="not allowed"):
+        site.plan_run(_req(models=("wgan", "text")))
+    site2 = Site(tmp_path / "s2", name="a", data_path=demo_dir / "site_a.csv",
+                 policy=SitePolicy(max_epsilon=2.0, min_patients=10**6))
+    with pytest.raises(SitePolicyError, match="below the site policy's minimum"):
+        site2.plan_run(_req())
+    assert [e["event"] for e in Ledger(tmp_path / "s2" / "ledger.jsonl").entries()] == ["refused"]
+
+
+def test_reservation_charges_before_training_and_refuses_past_the_cap(tmp_path, demo_dir):
+    site = _site(tmp_path, demo_dir, cap=2.0)
+    plan = site.plan_run(_req(rounds=2))
+    r1 = site.reserve(1)
+    # the charge is on disk before any step is taken
+    on_disk = json.loads((tmp_path / "site_a" / "state.json").read_text())
+    assert sum(m["steps"] for m in on_disk["accountant"]["history"]) == plan.steps_per_round
+    site.complete(r1, plan.steps_per_round, 0.1)
+    site.reserve(2)
+    # a third round (a greedy coordinator sending more rounds than planned) would cross the cap
+    with pytest.raises(BudgetExceededError, match="would bring ε"):
+        site.reserve(3)
+    events = [e["event"] for e in site.ledger.entries()]
+    assert events == ["plan", "reserve", "round-complete", "reserve", "refused"]
+    site.ledger.verify()
+    assert site.accountant.epsilon(plan.delta) <= 2.0 * (1 + 1e-6)
+
+
+def test_restarted_site_resumes_its_spent_budget(tmp_path, demo_dir):
+    site = _site(tmp_path, demo_dir, cap=2.0)
+    plan = site.plan_run(_req(run_id="run-1", rounds=3))
+    site.reserve(1)  # then the process dies (no complete): the reservation stays charged
+    mirrored = site.state_dict()
+    again = _site(tmp_path, demo_dir, cap=2.0)  # a new process reads the site directory
+    assert again.accountant.total_steps == plan.steps_per_round
+    assert again.plan.run_id == "run-1" and again.plan.noise_multiplier == plan.noise_multiplier
+    again.check_against(mirrored)
+    # the same run continues with the same calibration; a new run starts from the spent budget
+    assert again.plan_run(_req(run_id="run-1", rounds=3)).noise_multiplier == plan.noise_multiplier
+    new = again.plan_run(_req(run_id="run-2", rounds=3))
+    assert new.prior_epsilon > 0 and new.noise_multiplier > plan.noise_multiplier
+
+
+def test_a_rolled_back_site_file_is_detected(tmp_path, demo_dir):
+    site = _site(tmp_path, demo_dir)
+    site.plan_run(_req())
+    site.reserve(1)
+    mirrored = site.state_dict()
+    (tmp_path / "site_a" / "state.json").unlink()
+    (tmp_path / "site_a" / "ledger.jsonl").unlink()
+    fresh = _site(tmp_path, demo_dir)
+    with pytest.raises(BudgetExceededError, match="rolled back"):
+        fresh.check_against(mirrored)
+
+
+def test_exhausted_site_refuses_a_new_run(tmp_path, demo_dir):
+    site = _site(tmp_path, demo_dir, cap=1.0)
+    site.plan_run(_req(run_id="r1", rounds=1, epsilon=1.0))
+    site.reserve(1)
+    with pytest.raises(BudgetExceededError):
+        _site(tmp_path, demo_dir, cap=1.0).plan_run(_req(run_id="r2", rounds=1, epsilon=1.0))
+
+
+def test_one_local_round_trains_from_given_weights_within_the_reserved_steps(tmp_path, demo_dir):
+    from dpsynth.models.wgan import Critic, Generator
+    from dpsynth.preprocess import Encoder
+
+    site = _site(tmp_path, demo_dir, cap=2.0)
+    site.plan_run(_req(rounds=2, local_epochs=1))
+    enc = Encoder(site.schema)
+    g0 = Generator(SMALL.latent_dim, SMALL.gen_hidden, enc.dim).state_dict()
+    c0 = Critic(enc.dim, SMALL.critic_hidden).state_dict()
+    g, c, report = site.train_round(1, g0, c0, wgan=SMALL, seed=1)
+    assert set(g) == set(g0) and set(c) == set(c0)
+    assert any(not (g[k] == g0[k]).all() for k in g)
+    assert report["steps_round"] <= report["expected_batches"] == site.plan.steps_per_round
+    assert 0 < report["epsilon"] <= 2.0
+    assert report["ledger_head"] == site.ledger.head()
+    train, hold = site.frames()
+    x, _ = enc.transform(train)
+    _, _, steps, _ = local_dp_round(x=x, encoder=enc, generator_state=g, critic_state=c, wgan=SMALL, epochs=5,
+                                    batch_size=256, noise_multiplier=1.0, max_grad_norm=1.0, max_steps=3, seed=0)
+    assert steps == 3  # never beyond what was reserved
+
+
+def test_site_split_is_deterministic_and_disjoint(tmp_path, demo_dir):
+    a = _site(tmp_path, demo_dir).frames()
+    b = _site(tmp_path, demo_dir).frames()
+    assert a[0].equals(b[0]) and a[1].equals(b[1])
+    ids_train, ids_hold = set(a[0]["id"]), set(a[1]["id"])
+    assert not ids_train & ids_hold and len(a[1]) > 0
