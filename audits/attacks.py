@@ -348,7 +348,9 @@ def nnaa(a: AuditData, cap: int = 10_000, seed: int = 0) -> dict:
     it, ih = indicators(a.train), indicators(a.holdout)
 
     def est(v, method):
-        return bootstrap(lambda i: v[i].mean(), len(v), baseline=0.5, method=method).to_json()
+        e = bootstrap(lambda i: v[i].mean(), len(v), baseline=0.5, method=method).to_json()
+        e["n"] = len(v) // 2  # records per set (the indicator vector holds both directions)
+        return e
 
     lo, hi = _bootstrap_diff(ih, it, seed=seed)
     loss = float(ih.mean() - it.mean())

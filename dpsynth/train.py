@@ -294,6 +294,9 @@ def train(
 
     w = config.wgan
     generator = Generator(w.latent_dim, w.gen_hidden, encoder.dim)
+    ema = Generator(w.latent_dim, w.gen_hidden, encoder.dim) if w.ema_decay > 0 else None
+    if ema is not None:
+        ema.load_state_dict(generator.state_dict())
     critic = Critic(encoder.dim, w.critic_hidden)
     g_opt = torch.optim.Adam(generator.parameters(), lr=w.gen_lr, betas=w.betas)
     c_opt = torch.optim.Adam(critic.parameters(), lr=w.critic_lr, betas=w.betas)
@@ -307,6 +310,8 @@ def train(
     losses: list[dict] = []
     if st is not None:
         load_weights(generator, work / "generator.safetensors")
+        if ema is not None:
+            load_weights(ema, work / "generator_ema.safetensors")
         load_weights(critic, work / "critic.safetensors")
         opt_t = load_file(str(work / "optimizers.safetensors"))
         _unflatten_optimizer(g_opt, opt_t, st["g_opt"], "g")
@@ -377,6 +382,10 @@ def train(
                         generator=generator, critic=train_critic, encoder=encoder, optimizer=g_opt,
                         batch_size=config.batch_size, latent_dim=w.latent_dim, hard=w.hard_samples,
                     )
+                if ema is not None:
+                    with torch.no_grad():
+                        for pe, pg in zip(ema.parameters(), generator.parameters()):
+                            pe.mul_(w.ema_decay).add_(pg, alpha=1 - w.ema_decay)
                 ep_losses.append(l)
                 bar.update(1)
             losses.append({k: float(np.mean([d[k] for d in ep_losses])) for k in ep_losses[0]} if ep_losses else {})
@@ -387,10 +396,10 @@ def train(
                 bar.update(0, epoch=f"{epoch + 1}/{config.epochs}", eps=eps_now)
             if epoch + 1 in snap_epochs:
                 p = work / "snapshots" / f"generator_epoch{epoch + 1:04d}.safetensors"
-                save_weights(generator, p)
+                save_weights(ema if ema is not None else generator, p)
                 snapshots[epoch + 1] = p
             _save_resume_state(
-                work, seconds=time.time() - t0 + prev_seconds, generator=generator, critic=critic, g_opt=g_opt, c_opt=c_opt, accountant=accountant,
+                work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic, g_opt=g_opt, c_opt=c_opt, accountant=accountant,
                 epochs_done=epoch + 1, config=config, epsilon=epsilon, delta=delta, non_private=non_private,
                 schema=schema, data_sha256=data_sha256, plan=plan, snapshots=snapshots, losses=losses,
             )
@@ -485,9 +494,11 @@ def train(
     return TrainResult(out, eps_final, delta, privacy["steps"], seconds, manifest)
 
 
-def _save_resume_state(work: Path, *, seconds, generator, critic, g_opt, c_opt, accountant, epochs_done, config, epsilon,
+def _save_resume_state(work: Path, *, seconds, generator, ema, critic, g_opt, c_opt, accountant, epochs_done, config, epsilon,
                        delta, non_private, schema, data_sha256, plan, snapshots, losses) -> None:
     save_weights(generator, work / "generator.safetensors")
+    if ema is not None:
+        save_weights(ema, work / "generator_ema.safetensors")
     plain_critic = getattr(critic, "_module", critic)
     save_weights(plain_critic, work / "critic.safetensors")
     inner_c = getattr(c_opt, "original_optimizer", c_opt)

@@ -40,6 +40,9 @@ class WGANConfig:
     hard_samples: bool = True
     # clip the D(fake) term per sample at max_grad_norm too, keeping it on the real term's scale
     clip_fake: bool = True
+    # exponential moving average of the generator's weights (post-processing: free); snapshots keep the EMA.
+    # 0 disables it. It damps the seed-to-seed and step-to-step swings of a generator trained on a noisy critic.
+    ema_decay: float = 0.0
 
 
 class Generator(nn.Module):
