@@ -106,12 +106,13 @@ def test_a_rolled_back_site_file_is_detected(tmp_path, demo_dir):
         fresh.check_against(mirrored)
 
 
-def test_exhausted_site_refuses_a_new_run(tmp_path, demo_dir):
+def test_site_whose_spend_reaches_its_cap_refuses_a_new_run(tmp_path, demo_dir):
     site = _site(tmp_path, demo_dir, cap=1.0)
     site.plan_run(_req(run_id="r1", rounds=1, epsilon=1.0))
     site.reserve(1)
-    with pytest.raises(BudgetExceededError):
-        _site(tmp_path, demo_dir, cap=1.0).plan_run(_req(run_id="r2", rounds=1, epsilon=1.0))
+    # the hospital tightens its policy: what it already spent is above the new cap, nothing more is trained
+    with pytest.raises(BudgetExceededError, match="reaches the cap"):
+        _site(tmp_path, demo_dir, cap=0.5).plan_run(_req(run_id="r2", rounds=1, epsilon=1.0))
 
 
 def test_one_local_round_trains_from_given_weights_within_the_reserved_steps(tmp_path, demo_dir):

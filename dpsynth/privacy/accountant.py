@@ -59,7 +59,7 @@ def prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     acc = PRVAccountant()
     acc.history = list(history)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # log(0) at q = 1 inside opacus' PRV: harmless
+X
         return float(acc.get_epsilon(delta=delta, eps_error=EPS_ERROR))
 
 
