@@ -59,7 +59,8 @@ def prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     acc = PRVAccountant()
     acc.history = list(history)
     with warnings.catch_warnings():
-X
+        warnings.simplefilter("ignore", RuntimeWarning)  # log(0) at q = 1 inside opacus' PRV: harmless
+        warnings.simplefilter("ignore", UserWarning)  # RDP order-range notes from PRV's domain computation
         return float(acc.get_epsilon(delta=delta, eps_error=EPS_ERROR))
 
 
