@@ -53,6 +53,8 @@ def _plots(audit: dict) -> list[tuple[str, str]]:
         ax.set_title("Aggregate distance distributions")
         out.append(("Distance to closest synthetic record (aggregate histogram)", _png(fig)))
     sites = audit.get("sites") or []
+    if not sites and (audit.get("dp") or {}).get("epsilon") is not None:
+        sites = [{"site": "this site", "epsilon": audit["dp"]["epsilon"]}]
     if sites:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.bar([s["site"] for s in sites], [s["epsilon"] or 0 for s in sites])
