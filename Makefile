@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= out
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo demo-single demo-federated test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -17,13 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Single-site demo on the embedded NAFLD cohort: data -> DP training -> synthetic -> utility report.
-demo: $(STAMP)
+# The main job: the NAFLD cohort split into 3 hospitals on 127.0.0.1 — flower-superlink + 3 flower-supernode
+# (TLS + node auth), `flwr run`, DP training at every site, audits at every site, signed release in
+# $(OUT)/federated/run/release, all processes stopped, summary printed (see deploy/README.md).
+demo: demo-federated
+
+# Single-site pipeline on the embedded NAFLD cohort: data -> DP training -> synthetic -> utility report ->
+# audit -> signed release -> verify, all under $(OUT)/.
+demo-single: $(STAMP)
 	$(BIN)/dpsynth demo --out $(OUT)
 
-# Federated demo on 127.0.0.1: flower-superlink + 3 flower-supernode (TLS + node auth), `flwr run`, audits at
-# every site, signed release in $(OUT)/federated/run/release (see deploy/README.md).
-.PHONY: demo-federated
 demo-federated: $(STAMP)
 	$(BIN)/python -m deploy demo --out $(OUT)/federated
 

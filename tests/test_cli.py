@@ -21,8 +21,16 @@ def test_cli_single_site_flow(tmp_path, capsys):
                "--out", str(tmp_path / "m0"), "--quiet"])
     assert rc != 0 and "DRAFT" in capsys.readouterr().err
 
-    # a DP schema is accepted and its spend is counted in the budget
+    # a DP schema: its spend is recorded; a column with too few values for DP bounds (sbp here: 89 % missing)
+    # is left for a person to set, as a reviewer would, and then training counts the spend in the budget
     assert main(["schema", "infer", "--data", str(small), "--epsilon", "0.5", "--out", str(tmp_path / "dp.json")]) == 0
+    d = json.loads((tmp_path / "dp.json").read_text())
+    assert d["dp_spend"]["epsilon"] == 0.5
+    for col in d["columns"]:
+        if col.pop("review", None):
+            col["lower"], col["upper"] = 0, 1000  # public limits chosen by the reviewer
+    d["status"] = "reviewed"
+    (tmp_path / "dp.json").write_text(json.dumps(d))
     rc = main(["train", "--data", str(small), "--schema", str(tmp_path / "dp.json"), "--epsilon", "2",
                "--out", str(tmp_path / "m1"), "--epochs", "2", "--batch-size", "256", "--quiet"])
     assert rc == 0, capsys.readouterr().err

@@ -261,3 +261,18 @@ def test_site_refusing_a_model_is_dropped_with_its_reason(demo_dir, tmp_path):
     s = _run(grid, tmp_path, models="wgan,text")
     assert s["status"] == "failed"
     assert "not allowed" in s["message"]
+
+
+def test_insecure_mode_is_explicit_and_loud(tmp_path, capsys):
+    from deploy.local import LocalConsortium, kv_config
+
+    secure = LocalConsortium(tmp_path / "s")
+    secure.superlink_port = 1234
+    text = secure.write_cli_config().read_text()
+    assert "root-certificates" in text and "insecure = true" not in text
+    assert "INSECURE" not in capsys.readouterr().err
+    loud = LocalConsortium(tmp_path / "i", insecure=True)
+    assert "TLS is OFF and SuperNode authentication is OFF" in capsys.readouterr().err
+    loud.superlink_port = 1234
+    assert "insecure = true" in loud.write_cli_config().read_text()
+    assert kv_config({"site": "a", "rounds": 2, "x": 1.5, "b": False}) == 'site="a" rounds=2 x=1.5 b=false'
