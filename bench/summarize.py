@@ -74,6 +74,20 @@ def main() -> None:
                     cells.append(f"{ch['value']:.3f}{ci}")
             print(f"| {name} | {case['verdict']} | " + " | ".join(cells) + " |")
         print()
+    fd = load("demo_fed")
+    if fd:
+        eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())
+        print(f"**`bench/demo_fed.py`** — `make demo` after set-up: {fd['wall_seconds']:.0f} s wall "
+              f"({fd['rounds']} rounds; target ≤ 300 s, stretch ≤ 120 s); site ε {eps}; consortium ε "
+              f"{fd['consortium_epsilon']:.2f}; gate {fd['verdict']}.\n")
+    fc = load("federated_vs_central")
+    if fc:
+        f_, c_ = fc["mean"]["federated"], fc["mean"]["central"]
+        print(f"**`bench/federated_vs_central.py`** — ε = {fc['epsilon_per_site']:g} per site, {fc['rounds']} rounds × "
+              f"{fc['local_epochs']} local epochs, {len(fc['runs'])} seed(s): TSTR/TRTR federated {f_['tstr_trtr_auroc_ratio']:.2f} vs "
+              f"central {c_['tstr_trtr_auroc_ratio']:.2f} → **{fc['federated_over_central_tstr']:.0%} of central** (target ≥ 95 %: "
+              f"not met); mean APD {f_['mean_apd']:.3f} vs {c_['mean_apd']:.3f}; correlation distance "
+              f"{f_['correlation_distance']:.3f} vs {c_['correlation_distance']:.3f}.\n")
 
 
 if __name__ == "__main__":
