@@ -58,12 +58,15 @@ def decide(attacks: dict, dp: dict | None, policy: Policy) -> dict:
         ("nnaa.privacy_loss", ["nnaa", "privacy_loss"], "nnaa_privacy_loss_max"),
         ("dcr.share", ["dcr", "share"], "dcr_share_max"),
     ]
+    significant_only = set(policy.audit.get("significance_required", []))
     for name, path, key in spec:
         e = est(path)
         c = _le(name, None if e is None else e.get("value"), t[key], _ci(e))
-        if name == "dcr.share" and not c.passed and e is not None and e.get("ci_low") is not None and e["ci_low"] <= 0.5:
-            # above the threshold but not distinguishable from the ideal 0.5: sampling noise at a small site
-            c.passed, c.note = True, "above the threshold but its 95 % CI includes 0.5 (not significant)"
+        if (name in significant_only and not c.passed and e is not None and e.get("baseline") is not None
+                and e.get("ci_low") is not None and e["ci_low"] <= e["baseline"]):
+            # above the threshold but not distinguishable from the baseline: sampling noise (small sites)
+            c.passed = True
+            c.note = f"above the threshold but its 95 % CI includes the baseline {e['baseline']} (not significant)"
         checks.append(c)
     checks.append(_le("exact_copies.excess_rate", est(["exact_copies", "excess_rate"]), t["exact_copy_excess_rate_max"]))
     checks.append(_le("identifier_replay.count", est(["identifier_replay", "replayed_values"]), t["identifier_replay_max"]))

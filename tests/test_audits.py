@@ -128,3 +128,18 @@ def test_epsilon_lower_bound_math():
     lb = epsilon_lower_bound(100, 100, delta=0, alpha=0.05)  # perfect: p^100 = 0.05 → p ≈ 0.9705
     p = 0.05 ** (1 / 100)
     assert abs(lb - np.log(p / (1 - p))) < 1e-3
+
+
+def test_significance_rule_applies_only_to_listed_checks():
+    from audits.gate import decide
+
+    attacks = {"dcr": {"share": {"value": 0.62, "ci_low": 0.48, "ci_high": 0.76, "baseline": 0.5}},
+               "mia_distance": {"auc": {"value": 0.62, "ci_low": 0.48, "ci_high": 0.76, "baseline": 0.5}}}
+    res = decide(attacks, DP, default_policy())
+    checks = {c["check"]: c for c in res["checks"]}
+    assert checks["dcr.share"]["passed"] and "not significant" in checks["dcr.share"]["note"]
+    assert not checks["mia_distance.auc"]["passed"]
+    strict = default_policy()
+    strict.audit["significance_required"] = []
+    checks = {c["check"]: c for c in decide(attacks, DP, strict)["checks"]}
+    assert not checks["dcr.share"]["passed"]
