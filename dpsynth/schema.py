@@ -14,7 +14,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -373,15 +373,6 @@ def validate_frame(df: pd.DataFrame, schema: Schema, source: str = "data") -> pd
         else:  # identifier / text: carried, never modelled
             out[col.name] = s
     return pd.DataFrame(out, index=df.index)
-
-
-def modelled_names(schema: Schema) -> list[str]:
-    return [c.name for c in schema.modelled]
-
-
-def iter_pairs(items: Iterable[str]) -> list[tuple[str, str]]:
-    items = list(items)
-    return [(a, b) for i, a in enumerate(items) for b in items[i + 1 :]]
 
 
 # ---------------------------------------------------------------------------------------------
