@@ -17,7 +17,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from dpsynth.schema import Schema, canonical_category
 
-from .stats import Estimate, bootstrap, proportion
+from .stats import bootstrap, proportion
 
 
 @dataclass

@@ -25,7 +25,6 @@ DP = {"differentially_private": True, "epsilon": 3.0, "delta": 8e-6, "noise_mult
 
 
 def case_nafld() -> dict:
-    import numpy as np
     import pandas as pd
 
     from _common import peak_rss_mb
@@ -40,7 +39,6 @@ def case_nafld() -> dict:
         tr = validate_frame(pd.read_csv(Path(tmp) / "train.csv"), schema, "train")
         ho = validate_frame(pd.read_csv(Path(tmp) / "holdout.csv"), schema, "holdout")
     half = len(ho) // 2
-    rng = np.random.default_rng(0)
     syn = ho.iloc[half:].sample(10_000, replace=True, random_state=0).reset_index(drop=True)  # stand-in release
     t1 = time.time()
     res = run_audit(tr, ho.iloc[:half].reset_index(drop=True), syn, schema, dp=DP)

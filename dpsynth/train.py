@@ -10,7 +10,6 @@ plan, and the final ε is recomputed and checked against the target before anyth
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -37,7 +36,6 @@ from .models.wgan import (
     critic_step_dp,
     critic_step_plain,
     generator_step,
-    sample_encoded,
 )
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise

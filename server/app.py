@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client import wire

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client import wire
 from server.strategy import ConsortiumError, check_schema_agreement, fedavg, worst_case_gate
