@@ -41,6 +41,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/utility.py
 	$(BIN)/python bench/audit_speed.py
 	$(BIN)/python bench/audit_controls.py
+	$(BIN)/python bench/demo_fed.py
+	$(BIN)/python bench/federated_vs_central.py --rounds 5 --local-epochs 10
+	$(BIN)/python bench/summarize.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache
