@@ -36,7 +36,7 @@ class Policy:
     dp: dict = field(default_factory=lambda: {"require_dp": True, "max_epsilon": 10.0, "max_delta": 1e-5})
     thresholds: dict = field(default_factory=dict)
     audit: dict = field(default_factory=lambda: {"max_victims": 2000, "quasi_identifiers": [],
-                                                 "significance_required": ["dcr.share"]})
+                                                 "significance_required": ["dcr.share", "inference_risk.risk"]})
 
     def to_json(self) -> dict:
         return asdict(self)

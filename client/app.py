@@ -7,6 +7,8 @@ Node config (set by the hospital when it starts its SuperNode, never by the coor
   policy-path  the site's policy file (TOML): max ε, δ, allowed models, minimum patients, notes allowed
   schema-path  (optional) the reviewed schema; default: schema.json next to the data
   holdout-path (optional) the site's holdout for its audits; default: a fixed split of the site's file
+  fault-inject (optional, testing only) "nan-weights" or "oversized": this site's training replies are made
+               malformed on purpose, so an operator can check that the coordinator rejects and logs them
 
 Messages handled:
   query.hello     plan the run under the site's policy (σ calibrated up front), report schema hash + schema
@@ -23,6 +25,8 @@ import io
 import logging
 import time
 import traceback
+
+import torch
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -136,9 +140,19 @@ def train(msg: Message, context: Context) -> Message:
         })
         log.info("site %s: round %d done: %d DP steps, ε spent %.4f of cap %.4g (%.1f s)", site.name, round_no,
                  report["steps_round"], report["epsilon"], report["cap"], time.time() - t0)
+        spend = wire.dumps(report)
+        fault = str(context.node_config.get("fault-inject", ""))
+        if fault:  # operator's test aid: corrupt only this site's own reply to check the coordinator rejects it
+            log.warning("site %s: fault-inject=%s — sending a deliberately malformed reply", site.name, fault)
+            if fault == "nan-weights":
+                g = dict(g)
+                k = next(iter(g))
+                g[k] = torch.full_like(g[k], float("nan"))
+            elif fault == "oversized":
+                spend = spend[:-1] + ', "padding": "' + "x" * (wire.MAX_JSON_CHARS + 1) + '"}'
         return Message(RecordDict({
             "generator": wire.state_to_record(g), "critic": wire.state_to_record(c), "metrics": metrics,
-            "report": ConfigRecord({"site": site.name, "spend": wire.dumps(report)}),
+            "report": ConfigRecord({"site": site.name, "spend": spend}),
         }), reply_to=msg)
     except Exception as e:  # noqa: BLE001
         return _error_reply(msg, name, e)

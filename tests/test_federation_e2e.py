@@ -163,6 +163,29 @@ def _reserved_rounds(site_dir: Path) -> int:
     return sum(1 for line in p.read_text().splitlines() if '"event": "reserve"' in line)
 
 
+def test_malformed_and_oversized_replies_are_rejected_and_logged(tmp_path, demo_dir):
+    """Real processes: site b sends NaN weights, site c an oversized report; the coordinator drops both with
+    the reason logged and finishes with site a (min-sites 1)."""
+    pol = _policies(tmp_path)
+    with LocalConsortium(tmp_path) as fed:
+        fed.start_superlink()
+        for s in ("a", "b", "c"):
+            fed.register(s)
+        faults = {"b": "nan-weights", "c": "oversized"}
+        for s in ("a", "b", "c"):
+            fed.start_supernode(s, data_path=demo_dir / f"site_{s}.csv", site_dir=tmp_path / "sites" / s,
+                                policy_path=pol[s], extra_node_config={"fault-inject": faults[s]} if s in faults else None)
+        summary = _run(fed, tmp_path, "run_faults", rounds=1, **{"min-sites": 1})
+    assert summary["status"] == "released", summary.get("message")
+    assert summary["sites"] == ["a"]
+    dropped = summary["dropped_sites"]
+    assert set(dropped) == {"b", "c"}
+    assert "NaN" in dropped["b"] and "malformed" in dropped["b"]
+    assert "characters" in dropped["c"] and "malformed" in dropped["c"]
+    ledger = (tmp_path / "run_faults" / "consortium-ledger.jsonl").read_text()
+    assert ledger.count('"site-dropped"') == 2
+
+
 @pytest.mark.slow
 def test_killed_node_run_finishes_with_the_rest_and_restart_resumes_the_budget(tmp_path, demo_dir):
     from dpsynth.privacy.ledger import Ledger
