@@ -36,7 +36,7 @@ import torch
 
 from .errors import BudgetExceededError, DataError, DpsynthError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
-from .models.wgan import Critic, Generator, RealTermLoss, WGANConfig, critic_step_dp, generator_step
+from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise
 from .privacy.ledger import Ledger
@@ -189,13 +189,11 @@ def local_dp_round(
     """Run ``epochs`` local epochs of DP-WGAN training from the given weights; never more than ``max_steps``
     DP steps. Returns (generator state, critic state, DP steps taken, per-epoch losses).
 
-    Same wiring as dpsynth.train.train: Opacus PrivacyEngine.make_private with Poisson sampling
+    The same wiring and step as dpsynth.train.train (models.wgan.make_private_critic + wgan_step): Poisson sampling
     (q = 1/⌈n/batch⌉), ghost clipping on the real term only, fake term added after the noise step
     (critic_step_dp). The engine's own accountant is not used: the caller's SiteAccountant is.
     ``seed`` is for tests only: DP noise and sampling draw from OS entropy otherwise.
     """
-    from opacus import PrivacyEngine
-
     if seed is not None:
         torch.manual_seed(seed)
     noise_gen = torch.Generator()
@@ -214,14 +212,10 @@ def local_dp_round(
 
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=sample_gen)
-    engine = PrivacyEngine(accountant="prv")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train_critic, c_opt, criterion, dp_loader = engine.make_private(
-            module=critic, optimizer=c_opt, criterion=RealTermLoss(), data_loader=loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode="ghost",
-            poisson_sampling=True, noise_generator=noise_gen,
-        )
+    train_critic, c_opt, criterion, dp_loader = make_private_critic(
+        critic=critic, optimizer=c_opt, loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, noise_generator=noise_gen,
+    )
     steps = 0
     losses: list[dict] = []
     for _ in range(epochs):
@@ -229,20 +223,12 @@ def local_dp_round(
         for (real,) in dp_loader:
             if steps >= max_steps:
                 break  # never take a step the reservation did not charge
-            fake = encoder.activate(generator(torch.randn(batch_size, wgan.latent_dim)), hard=wgan.hard_samples).detach()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                l = critic_step_dp(
-                    critic=train_critic, optimizer=c_opt, criterion=criterion, real=real, fake=fake,
-                    gp_weight=wgan.gp_weight, fake_clip=max_grad_norm if wgan.clip_fake else None,
-                )
+                ep.append(wgan_step(generator=generator, critic=train_critic, encoder=encoder, g_opt=g_opt,
+                                    c_opt=c_opt, criterion=criterion, real=real, config=wgan,
+                                    batch_size=batch_size, max_grad_norm=max_grad_norm))
             steps += 1
-            for _ in range(wgan.gen_steps_per_critic_step):
-                l["generator"] = generator_step(
-                    generator=generator, critic=train_critic, encoder=encoder, optimizer=g_opt,
-                    batch_size=batch_size, latent_dim=wgan.latent_dim, hard=wgan.hard_samples,
-                )
-            ep.append(l)
         if ep:
             losses.append({k: float(np.mean([d[k] for d in ep])) for k in ep[0]})
     g_state = {k: v.detach().clone().contiguous() for k, v in generator.state_dict().items()}

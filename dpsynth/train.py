@@ -28,15 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
-from .models.wgan import (
-    Critic,
-    Generator,
-    RealTermLoss,
-    WGANConfig,
-    critic_step_dp,
-    critic_step_plain,
-    generator_step,
-)
+from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise
 from .privacy.ledger import Ledger
@@ -330,22 +322,10 @@ def train(
         dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)  # same Poisson batches
         criterion = None
     else:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant="prv")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            train_critic, c_opt, criterion, dp_loader = engine.make_private(
-                module=critic,
-                optimizer=c_opt,
-                criterion=RealTermLoss(),
-                data_loader=loader,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=config.max_grad_norm,
-                grad_sample_mode="ghost",
-                poisson_sampling=True,
-                noise_generator=noise_gen,
-            )
+        train_critic, c_opt, criterion, dp_loader = make_private_critic(
+            critic=critic, optimizer=c_opt, loader=loader, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=config.max_grad_norm, noise_generator=noise_gen,
+        )
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"sampling rate mismatch: loader {dp_loader.sample_rate} vs plan {plan.sample_rate}")
 
@@ -366,20 +346,11 @@ def train(
             for (real,) in dp_loader:
                 if not non_private and sgd_steps() >= plan.planned_steps:
                     break  # never take a step the calibration did not plan for
-                fake = encoder.activate(generator(torch.randn(config.batch_size, w.latent_dim)), hard=w.hard_samples).detach()
-                if non_private:
-                    l = critic_step_plain(critic=train_critic, optimizer=c_opt, real=real, fake=fake, gp_weight=w.gp_weight)
-                else:
-                    l = critic_step_dp(
-                        critic=train_critic, optimizer=c_opt, criterion=criterion, real=real, fake=fake, gp_weight=w.gp_weight,
-                        fake_clip=config.max_grad_norm if w.clip_fake else None,
-                    )
+                l = wgan_step(generator=generator, critic=train_critic, encoder=encoder, g_opt=g_opt, c_opt=c_opt,
+                              criterion=criterion, real=real, config=w, batch_size=config.batch_size,
+                              max_grad_norm=config.max_grad_norm)
+                if not non_private:
                     accountant.step(CRITIC_MECHANISM, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-                for _ in range(w.gen_steps_per_critic_step):
-                    l["generator"] = generator_step(
-                        generator=generator, critic=train_critic, encoder=encoder, optimizer=g_opt,
-                        batch_size=config.batch_size, latent_dim=w.latent_dim, hard=w.hard_samples,
-                    )
                 if ema is not None:
                     with torch.no_grad():
                         for pe, pg in zip(ema.parameters(), generator.parameters()):

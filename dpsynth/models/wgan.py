@@ -219,6 +219,39 @@ def generator_step(*, generator, critic, encoder, optimizer, batch_size: int, la
     return float(loss.detach())
 
 
+def make_private_critic(*, critic, optimizer, loader, noise_multiplier: float, max_grad_norm: float, noise_generator):
+    """The one Opacus wiring for the critic: ghost clipping, Poisson sampling (q = 1/len(loader)).
+    Returns (wrapped critic, DP optimizer, criterion, Poisson loader). The engine's own accountant is not
+    used: callers record steps in their SiteAccountant."""
+    import warnings
+
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PrivacyEngine(accountant="prv").make_private(
+            module=critic, optimizer=optimizer, criterion=RealTermLoss(), data_loader=loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode="ghost",
+            poisson_sampling=True, noise_generator=noise_generator,
+        )
+
+
+def wgan_step(*, generator, critic, encoder, g_opt, c_opt, criterion, real: torch.Tensor, config: WGANConfig,
+              batch_size: int, max_grad_norm: float) -> dict:
+    """One critic step on a Poisson batch (DP when ``criterion`` is Opacus' ghost-clipping criterion, plain
+    when it is None) followed by the generator step(s). Returns the losses."""
+    fake = encoder.activate(generator(torch.randn(batch_size, config.latent_dim)), hard=config.hard_samples).detach()
+    if criterion is None:
+        losses = critic_step_plain(critic=critic, optimizer=c_opt, real=real, fake=fake, gp_weight=config.gp_weight)
+    else:
+        losses = critic_step_dp(critic=critic, optimizer=c_opt, criterion=criterion, real=real, fake=fake,
+                                gp_weight=config.gp_weight, fake_clip=max_grad_norm if config.clip_fake else None)
+    for _ in range(config.gen_steps_per_critic_step):
+        losses["generator"] = generator_step(generator=generator, critic=critic, encoder=encoder, optimizer=g_opt,
+                                             batch_size=batch_size, latent_dim=config.latent_dim, hard=config.hard_samples)
+    return losses
+
+
 @torch.no_grad()
 def sample_encoded(generator: Generator, encoder, n: int, latent_dim: int, batch: int = 4096) -> torch.Tensor:
     generator.eval()
