@@ -77,6 +77,113 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _g(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
+def _pm(mean, std) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{_g(mean)} ± {_g(std)}" if std is not None else _g(mean)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f} %"
+
+
+def _vitals_plots(v: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    cols = v["columns"]
+    names = [n for n, e in cols.items() if e["histogram"]["real"] is not None or e["histogram"]["synthetic"] is not None]
+    if names:
+        ncols = min(3, len(names))
+        nrows = -(-len(names) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.1 * nrows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            e = cols[name]
+            h = e["histogram"]
+            edges = np.array(h["edges"], dtype=float)
+            for key, color, label in (("real", "#4477aa", "real"), ("synthetic", "#ee6677", "synthetic")):
+                if h[key] is not None:
+                    ax.stairs(np.array(h[key], dtype=float), edges, fill=True, alpha=0.35, color=color)
+                    ax.stairs(np.array(h[key], dtype=float), edges, color=color, lw=1.2, label=label)
+            ks = f"KS {e['ks']:.3f}" if e["ks"] is not None else "not compared"
+            ax.set_title(f"{name} ({ks})", fontsize=9)
+            ax.set_xlim(edges[0], edges[-1])
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(names):]:
+            ax.set_visible(False)
+        fig.supylabel("share of observed values", fontsize=8)
+        fig.tight_layout()
+        out.append(("Continuous columns: real vs synthetic histograms over the public bounds (observed values)", _png(fig)))
+    c = v["correlation"]
+    if len(c["columns"]) > 1 and c["n_pairs_compared"]:
+        k = len(c["columns"])
+        d = np.full((k, k), np.nan)
+        for i in range(k):
+            for j in range(k):
+                a, b = c["real"][i][j], c["synthetic"][i][j]
+                if i != j and a is not None and b is not None:
+                    d[i, j] = abs(a - b)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.6 + 0.55 * k))
+        vmax = max(0.2, float(np.nanmax(d)))
+        im = ax.imshow(np.ma.masked_invalid(d), cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_xticks(range(k), c["columns"], rotation=90, fontsize=7)
+        ax.set_yticks(range(k), c["columns"], fontsize=7)
+        if k <= 12:
+            for i in range(k):
+                for j in range(k):
+                    if not np.isnan(d[i, j]):
+                        ax.text(j, i, f"{d[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                color="k" if d[i, j] > 0.6 * vmax else "w")
+        ax.set_title(f"|real − synthetic| correlation (max {c['max_abs_diff']:.3f})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        out.append(("Continuous columns: absolute difference of pairwise Pearson correlations", _png(fig)))
+    return out
+
+
+def _vitals_section(result: dict) -> str:
+    v = result.get("vitals")
+    if not v or not v.get("columns"):
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class=num>{_pm(e['mean_real'], e['std_real'])}</td>"
+        f"<td class=num>{_pm(e['mean_synthetic'], e['std_synthetic'])}</td><td class=num>{_fmt(e['ks'])}</td>"
+        f"<td class=num>{_fmt(e['wasserstein_rel'])}</td>"
+        f"<td class=num>{_pct(e['missing_rate_real'])} / {_pct(e['missing_rate_synthetic'])}</td>"
+        f"<td class=num>{e['n_real']} / {e['n_synthetic']}</td><td>{html.escape(e.get('note', ''))}</td></tr>"
+        for name, e in v["columns"].items()
+    )
+    sm, c = v["summary"], v["correlation"]
+    top = sorted((p for p in c["pairs"] if p["abs_diff"] is not None), key=lambda p: -p["abs_diff"])[:10]
+    pair_rows = "".join(
+        f"<tr><td>{html.escape(p['a'])} – {html.escape(p['b'])}</td><td class=num>{_fmt(p['real'])}</td>"
+        f"<td class=num>{_fmt(p['synthetic'])}</td><td class=num>{_fmt(p['abs_diff'])}</td></tr>" for p in top
+    )
+    pairs = (f"<p>Pairwise Pearson correlations (pairwise-complete): max |difference| {_fmt(c['max_abs_diff'])}, "
+             f"mean {_fmt(c['mean_abs_diff'])} over {c['n_pairs_compared']} pairs. Largest differences:</p>"
+             f"<table><tr><th>pair</th><th>real r</th><th>synthetic r</th><th>|difference|</th></tr>{pair_rows}</table>"
+             if top else "")
+    figs = "".join(
+        f"<figure><img alt='{html.escape(cap)}' src='{src}'><figcaption>{html.escape(cap)}</figcaption></figure>"
+        for cap, src in _vitals_plots(v)
+    )
+    return f"""<h2 id=vitals>Continuous columns (vitals)</h2>
+<p>Observed (non-missing) values only; Wasserstein distance divided by the public range (upper − lower).
+Mean KS over {sm['n_compared']} of {sm['n_columns']} columns: {_fmt(sm['mean_ks'])}.</p>
+<table><tr><th>column</th><th>real mean ± std</th><th>synthetic mean ± std</th><th>KS</th><th>Wasserstein / range</th>
+<th>missing real / syn</th><th>observed real / syn</th><th>note</th></tr>{rows}</table>
+{pairs}
+{figs}
+"""
+
+
 def render_html(result: dict, *, title: str, context: dict | None = None) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td class=num>{_fmt(mt['value'])}</td><td>{mt['goal']}</td>"
@@ -111,6 +218,7 @@ th{{background:#f3f3f3}}td.num{{font-variant-numeric:tabular-nums;text-align:rig
 <table><tr><th>metric</th><th>value</th><th>goal</th><th>range</th><th>what it measures</th></tr>{rows}</table>
 <h2>Plots</h2>
 {figs}
+{_vitals_section(result)}
 <details><summary>All figures as JSON</summary><pre>{html.escape(json.dumps(result['headline'], indent=2))}</pre></details>
 </body></html>
 """

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import wasserstein_distance
+from scipy.stats import ks_2samp, wasserstein_distance
 
 from ..schema import Schema, canonical_category
 
@@ -222,6 +222,136 @@ def shap_overlap(m_real, m_syn, x_bg, x_eval, names, k: int = 20, max_rows: int 
             "note": f"k = min(20, features/2) = {k} for {len(names)} features"}
 
 
+# ---- per-column report of the continuous columns ("vitals") ----------------------------------------
+
+def _jnum(x) -> float | None:
+    """A plain JSON float: numpy scalars converted, NaN/inf → None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _observed(df: pd.DataFrame, name: str) -> pd.Series:
+    """The column as floats with non-numeric / non-finite values as missing (an absent column is all missing)."""
+    if name not in df.columns:
+        return pd.Series(np.nan, index=df.index, dtype=float)
+    v = pd.to_numeric(df[name], errors="coerce").astype(float)
+    return v.where(np.isfinite(v))
+
+
+def _shares(x: np.ndarray, edges: np.ndarray) -> list[float] | None:
+    """Share of the values per bin; values outside the edges are counted in the end bins."""
+    if not len(x):
+        return None
+    counts, _ = np.histogram(np.clip(x, edges[0], edges[-1]), bins=edges)
+    return [round(float(c), 6) for c in counts / len(x)]
+
+
+def _corr_matrix(frame: pd.DataFrame) -> pd.DataFrame:
+    with warnings.catch_warnings():  # constant columns give NaN (reported as None), not a warning
+        warnings.simplefilter("ignore")
+        return frame.corr(method="pearson", min_periods=3)
+
+
+def vitals(real: pd.DataFrame, syn: pd.DataFrame, schema: Schema, *, bins: int = 30) -> dict:
+    """Per-column comparison of every continuous column, on observed (non-missing) values only.
+
+    Per column: mean and std (ddof=1) of each side, absolute mean / std error (raw and divided by the public
+    range ``upper - lower``), two-sample KS statistic and p-value, Wasserstein-1 distance (raw and / range),
+    missing rates, observed counts, values outside the public bounds, and a histogram (``bins`` equal bins over
+    the public bounds — edges never depend on the data; values outside the bounds are counted in the end bins)
+    as each side's share of its observed values. Statistics use the raw values, not clipped to the bounds.
+    A column with fewer than 2 observed values on either side gets None comparison metrics and a ``note``.
+
+    Also pairwise-complete Pearson correlations among the columns (at least 3 common observations) for each
+    side, with the max and mean absolute difference over pairs defined on both sides; and a summary.
+    Everything is plain JSON: floats / ints / str / None (NaN → None).
+    """
+    cols = schema.of_kind("continuous")
+    per_col: dict[str, dict] = {}
+    obs_r, obs_s = {}, {}
+    for col in cols:
+        lo, hi = float(col.lower), float(col.upper)
+        scale = hi - lo
+        r, s = _observed(real, col.name), _observed(syn, col.name)
+        obs_r[col.name], obs_s[col.name] = r, s
+        ro, so = r.dropna().to_numpy(), s.dropna().to_numpy()
+        nr, ns = len(ro), len(so)
+        edges = np.linspace(lo, hi, bins + 1)
+        e = {
+            "lower": lo, "upper": hi, "range": scale,
+            "n_real": nr, "n_synthetic": ns,
+            "missing_rate_real": _jnum(r.isna().mean()) if len(r) else None,
+            "missing_rate_synthetic": _jnum(s.isna().mean()) if len(s) else None,
+            "outside_bounds_real": int(((ro < lo) | (ro > hi)).sum()),
+            "outside_bounds_synthetic": int(((so < lo) | (so > hi)).sum()),
+            "mean_real": _jnum(ro.mean()) if nr else None,
+            "mean_synthetic": _jnum(so.mean()) if ns else None,
+            "std_real": _jnum(ro.std(ddof=1)) if nr > 1 else None,
+            "std_synthetic": _jnum(so.std(ddof=1)) if ns > 1 else None,
+            "mean_abs_error": None, "mean_abs_error_rel": None,
+            "std_abs_error": None, "std_abs_error_rel": None,
+            "ks": None, "ks_pvalue": None,
+            "wasserstein": None, "wasserstein_rel": None,
+            "histogram": {"edges": [float(x) for x in edges], "real": _shares(ro, edges), "synthetic": _shares(so, edges)},
+        }
+        mr, ms = e["missing_rate_real"], e["missing_rate_synthetic"]
+        e["missing_rate_diff"] = abs(mr - ms) if mr is not None and ms is not None else None
+        short = [f"{side} ({n})" for side, n in (("real", nr), ("synthetic", ns)) if n < 2]
+        if short:
+            e["note"] = "fewer than 2 observed values in " + " and ".join(short) + ": not compared"
+        else:
+            mae = abs(e["mean_real"] - e["mean_synthetic"])
+            sae = abs(e["std_real"] - e["std_synthetic"])
+            ks = ks_2samp(ro, so)
+            wd = float(wasserstein_distance(ro, so))
+            e.update({
+                "mean_abs_error": _jnum(mae), "mean_abs_error_rel": _jnum(mae / scale),
+                "std_abs_error": _jnum(sae), "std_abs_error_rel": _jnum(sae / scale),
+                "ks": _jnum(ks.statistic), "ks_pvalue": _jnum(ks.pvalue),
+                "wasserstein": _jnum(wd), "wasserstein_rel": _jnum(wd / scale),
+            })
+        per_col[col.name] = e
+
+    names = [c.name for c in cols]
+    cr = _corr_matrix(pd.DataFrame(obs_r)) if names else pd.DataFrame()
+    cs = _corr_matrix(pd.DataFrame(obs_s)) if names else pd.DataFrame()
+    pairs, diffs = [], []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            vr, vs = _jnum(cr.loc[a, b]), _jnum(cs.loc[a, b])
+            d = abs(vr - vs) if vr is not None and vs is not None else None
+            if d is not None:
+                diffs.append(d)
+            pairs.append({"a": a, "b": b, "real": vr, "synthetic": vs, "abs_diff": d})
+
+    def mat(c):
+        return [[_jnum(c.loc[a, b]) for b in names] for a in names]
+
+    ks_vals = [e["ks"] for e in per_col.values() if e["ks"] is not None]
+    wr_vals = [e["wasserstein_rel"] for e in per_col.values() if e["wasserstein_rel"] is not None]
+    return {
+        "description": "continuous columns on observed values; errors relative to the public range upper - lower; "
+                       f"histograms: {bins} bins over the public bounds, share of observed values per bin",
+        "columns": per_col,
+        "correlation": {
+            "columns": names, "real": mat(cr), "synthetic": mat(cs), "pairs": pairs,
+            "n_pairs_compared": len(diffs),
+            "max_abs_diff": _jnum(max(diffs)) if diffs else None,
+            "mean_abs_diff": _jnum(np.mean(diffs)) if diffs else None,
+        },
+        "summary": {
+            "n_columns": len(names),
+            "n_compared": len(ks_vals),
+            "mean_ks": _jnum(np.mean(ks_vals)) if ks_vals else None,
+            "max_ks": _jnum(max(ks_vals)) if ks_vals else None,
+            "mean_wasserstein_rel": _jnum(np.mean(wr_vals)) if wr_vals else None,
+            "not_compared": [n for n, e in per_col.items() if "note" in e],
+        },
+    }
+
+
 def evaluate(real: pd.DataFrame, holdout: pd.DataFrame, syn: pd.DataFrame, schema: Schema, label: str | None = None) -> dict:
     label = label or schema.label
     metrics: list[Metric] = []
@@ -238,4 +368,5 @@ def evaluate(real: pd.DataFrame, holdout: pd.DataFrame, syn: pd.DataFrame, schem
         "label": label,
         "metrics": {m.name: m.to_json() for m in metrics},
         "headline": {m.name: m.value for m in metrics},
+        "vitals": vitals(real, syn, schema),
     }
