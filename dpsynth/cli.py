@@ -90,21 +90,46 @@ def cmd_train(a) -> int:
     schema = Schema.load(a.schema)
     schema.require_reviewed(a.schema)
     df = _load_validated(a.data, schema)
+    from .models.flow import FlowConfig
+
+    models = tuple(m.strip() for m in a.models.split(",") if m.strip())
+    shares = _shares(a.budget_shares)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, max_grad_norm=a.max_grad_norm,
-                      checkpoints=a.checkpoints, select=not a.no_select, profile=a.profile)
+                      checkpoints=a.checkpoints, select=not a.no_select, profile=a.profile, models=models,
+                      budget_shares={**TrainConfig().budget_shares, **shares},
+                      flow=FlowConfig(epochs=a.flow_epochs))
     res = train(df, schema, out=a.out, epsilon=a.epsilon, delta=a.delta, config=cfg, non_private=a.non_private,
                 resume=a.resume, overwrite=a.overwrite, data_path=str(Path(a.data).resolve()),
                 data_sha256=sha256_file(a.data), seed=a.seed, progress=not a.quiet)
     p = res.manifest["privacy"]
     if p["differentially_private"]:
         print(f"trained {a.out}: ε={res.epsilon:.3f} (target {p['target_epsilon']:g}), δ={res.delta:g}, "
-              f"{res.steps} DP-SGD steps, σ={p['noise_multiplier']:.3f}, q={p['sample_rate']:.4f}, {res.seconds:.1f}s")
+              f"{res.seconds:.1f}s")
+        for name, m in p["models"].items():
+            print(f"  {name:<5} {m['steps']} DP-SGD steps, σ={m['noise_multiplier']:.3f}, q={m['sample_rate']:.4f}, "
+                  f"budget share {m['share']:g} (ε {m['epsilon_alone']:.3f} if it were alone)")
     else:
         print(f"trained {a.out}: NOT DIFFERENTIALLY PRIVATE ({res.steps} steps, {res.seconds:.1f}s)")
     clipped = res.manifest["data"]["clipped_values"]
     if clipped:
         print(f"values outside the schema bounds were clipped: {clipped}")
     return 0
+
+
+def _shares(text: str | None) -> dict:
+    """--budget-shares wgan=3,flow=1"""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, val = part.partition("=")
+        try:
+            out[name.strip()] = float(val)
+        except ValueError:
+            raise DpsynthError(f"--budget-shares: {part!r} is not name=number (e.g. wgan=3,flow=1)") from None
+        if not sep:
+            raise DpsynthError(f"--budget-shares: {part!r} is not name=number (e.g. wgan=3,flow=1)")
+    return out
 
 
 def cmd_generate(a) -> int:
@@ -283,6 +308,8 @@ def budget_view(model_dir: str) -> dict:
         "selection": p["selection"].get("method"),
         "noise_rng": p["noise_rng"],
         "mechanisms": p["mechanisms"],
+        "models": p.get("models", {}),
+        "budget_split": p.get("budget_split"),
     }
     # recompute from the saved accountant state: the number printed is the number the state gives
     if p["differentially_private"]:
@@ -304,6 +331,14 @@ def cmd_budget(a) -> int:
     for k in ("accountant", "unit", "adjacency", "sampling", "steps", "noise_multiplier", "max_grad_norm",
               "sample_rate", "extra_delta", "preprocessing", "selection", "noise_rng"):
         print(f"  {k:<17} {v[k]}")
+    if v["models"]:
+        print("  models trained on these patients (one accountant; ε 'alone' is not additive):")
+        for name, m in v["models"].items():
+            alone = f", ε alone {m['epsilon_alone']:.3f}" if "epsilon_alone" in m else ""
+            sigma = "n/a" if m["noise_multiplier"] is None else f"{m['noise_multiplier']:.4g}"
+            print(f"    - {name:<5} {m['mechanism']:<22} σ={sigma:<8} steps={m['steps']:<6} share={m['share']:g}{alone}")
+    if v["budget_split"]:
+        print(f"  budget split      {v['budget_split']['rule']}")
     print("  mechanisms (compose all to recompute ε with any accountant):")
     for m in v["mechanisms"]:
         print(f"    - {m['mechanism']:<42} σ={m['noise_multiplier']:<10.5g} q={m['sample_rate']:<10.5g} steps={m['steps']}")
@@ -402,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoints", type=_positive_int, default=5, help="generator snapshots to select from")
     s.add_argument("--no-select", action="store_true", help="keep the last checkpoint (no selection spend)")
     s.add_argument("--profile", choices=["A", "B"], default="A", help="selection weight profile (see docs)")
+    s.add_argument("--models", default="wgan,flow",
+                   help="models to train: wgan (the record) and flow (continuous columns given the record); "
+                        "default wgan,flow = the chained patient")
+    s.add_argument("--flow-epochs", type=_positive_int, default=60, help="epochs of the vitals flow")
+    s.add_argument("--budget-shares", default="",
+                   help="how ε is split between the models, e.g. wgan=3,flow=1 (the default); see `dpsynth budget`")
     s.add_argument("--non-private", action="store_true", help="no clipping, no noise: comparison only")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--overwrite", action="store_true")

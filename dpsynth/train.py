@@ -2,10 +2,13 @@
 
 Budget flow (all composed by one SiteAccountant, PRV):
   schema inference spend (if the schema was estimated with DP)  ─┐
-  DP checkpoint selection (Gaussian noisy marginals, q = 1)       ├─► total ≤ --epsilon at --delta
-  DP-SGD steps of the critic (σ calibrated up front for them)    ─┘
-Noise is calibrated before the first step for the planned epochs; the loop stops before any step beyond the
-plan, and the final ε is recomputed and checked against the target before anything is written.
+  DP checkpoint selection (Gaussian noisy marginals, q = 1)       │
+  DP-SGD steps of the WGAN critic                                 ├─► total ≤ --epsilon at --delta
+  DP-SGD steps of the vitals flow (models.flow)                  ─┘
+Noise is calibrated before the first step for the planned epochs of every model, splitting the budget between
+the models by ``TrainConfig.budget_shares`` (rule: privacy.accountant.split_sigmas); the loops stop before
+any step beyond the plan, and the final ε is recomputed and checked against the target before anything is
+written. The flow trains first, then the WGAN; an interrupted run resumes in either phase.
 """
 
 from __future__ import annotations
@@ -28,21 +31,29 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
+from .models.flow import (ConditionalFlow, FlowConfig, VitalsCodec, flow_epoch, make_private_flow)
 from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
 from .preprocess import Encoder
-from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise
+from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise, calibrate_split
 from .privacy.ledger import Ledger
 from .privacy import selection
 from .schema import Schema
 
 MODEL_FORMAT = "dpsynth-model/1"
 CRITIC_MECHANISM = "dp-sgd:wgan-critic"
+FLOW_MECHANISM = "dp-sgd:flow"
+MODELS = ("wgan", "flow")
+BUDGET_SPLIT_RULE = (
+    "ε is shared by the models' DP-SGD mechanisms in proportion to budget_shares, measured as shares of the "
+    "Gaussian-DP privacy loss μ² = q²·T·(e^{1/σ²} − 1) of each (CLT approximation, Bu et al. 2020); one scale "
+    "is then searched so that the exact PRV composition of all mechanisms meets the target ε"
+)
 PRIVACY_STATEMENT = (
     "Unit of privacy: one patient (one row; adjacency = adding or removing one patient). Every mechanism that "
     "read the training data is composed by one accountant (Opacus PRV, upper bound): DP statistics used to "
-    "build the schema, DP checkpoint selection, and every DP-SGD step of the critic (Poisson sampling, "
-    "per-sample clipping by ghost clipping, Gaussian noise). The generator never reads real records "
-    "(post-processing). Preprocessing uses the schema's public bounds only."
+    "build the schema, DP checkpoint selection, every DP-SGD step of the WGAN critic and every DP-SGD step of "
+    "the vitals flow (Poisson sampling, per-sample clipping by ghost clipping, Gaussian noise). The WGAN "
+    "generator never reads real records (post-processing). Preprocessing uses the schema's public bounds only."
 )
 NOT_PRIVATE = "NOT DIFFERENTIALLY PRIVATE: trained with --non-private, for comparison only. Do not release."
 
@@ -56,11 +67,31 @@ class TrainConfig:
     select: bool = True  # DP selection among checkpoints (charged), else the last checkpoint
     selection_share: float = 0.05  # fraction of ε given to selection when select is on
     profile: str = "A"
+    # the chained patient: the WGAN generates the record, the flow its continuous columns given the record
+    models: tuple[str, ...] = MODELS
+    # how ε is split between the models' DP-SGD runs (BUDGET_SPLIT_RULE); only the models trained count
+    budget_shares: dict = field(default_factory=lambda: {"wgan": 3.0, "flow": 1.0})
     wgan: WGANConfig = field(default_factory=WGANConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def __post_init__(self) -> None:
+        self.models = tuple(self.models)
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown or "wgan" not in self.models or len(set(self.models)) != len(self.models):
+            raise ModelError(f"--models must list wgan and optionally flow (known: {', '.join(MODELS)}), got "
+                             f"{','.join(self.models)}")
+        extra = sorted(set(self.budget_shares) - set(MODELS))
+        if extra:
+            raise PrivacyParameterError(f"budget shares name unknown models {extra} (known: {', '.join(MODELS)})")
+        for m in self.models:
+            w = self.budget_shares.get(m)
+            if w is None or not (w > 0 and math.isfinite(w)):
+                raise PrivacyParameterError(f"budget share of {m} must be a positive number, got {w}")
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["wgan"]["betas"] = list(d["wgan"]["betas"])
+        d["models"] = list(self.models)
         return d
 
     @classmethod
@@ -69,7 +100,9 @@ class TrainConfig:
         w = dict(d.pop("wgan", {}))
         if "betas" in w:
             w["betas"] = tuple(w["betas"])
-        return cls(**d, wgan=WGANConfig(**w))
+        f = dict(d.pop("flow", {}))
+        d.setdefault("models", ["wgan"])  # model directories written before the flow existed
+        return cls(**d, wgan=WGANConfig(**w), flow=FlowConfig(**f))
 
 
 @dataclass
@@ -80,6 +113,8 @@ class Plan:
     planned_steps: int
     noise_multiplier: float | None  # None when non-private
     selection_noise: float | None
+    flow_steps: int = 0  # planned DP-SGD steps of the flow (0: no flow)
+    flow_noise: float | None = None
 
 
 def default_delta(n: int) -> float:
@@ -130,8 +165,11 @@ def make_plan(
     steps_per_epoch = math.ceil(n / config.batch_size)
     q = 1.0 / steps_per_epoch  # exactly what Opacus' Poisson loader samples with
     planned = steps_per_epoch * config.epochs
+    flow_steps = steps_per_epoch * config.flow.epochs if "flow" in config.models else 0
+    if "flow" in config.models and config.flow.epochs < 1:
+        raise PrivacyParameterError(f"--flow-epochs must be ≥ 1, got {config.flow.epochs}")
     if non_private:
-        return Plan(n, q, steps_per_epoch, planned, None, None)
+        return Plan(n, q, steps_per_epoch, planned, None, None, flow_steps, None)
     acc = prior.copy()
     sel_sigma = None
     if config.select and config.checkpoints > 1:
@@ -142,10 +180,11 @@ def make_plan(
             target_epsilon=epsilon * share, delta=delta, sample_rate=1.0, steps=1, mechanism=selection.MECHANISM
         )
         acc.add(Mechanism(selection.MECHANISM, sel_sigma, 1.0, 1))
-    sigma = calibrate_noise(
-        target_epsilon=epsilon, delta=delta, sample_rate=q, steps=planned, mechanism=CRITIC_MECHANISM, prior=acc
-    )
-    return Plan(n, q, steps_per_epoch, planned, sigma, sel_sigma)
+    parts = [(CRITIC_MECHANISM, q, planned, config.budget_shares["wgan"])]
+    if flow_steps:
+        parts.append((FLOW_MECHANISM, q, flow_steps, config.budget_shares["flow"]))
+    sigmas = calibrate_split(target_epsilon=epsilon, delta=delta, parts=parts, prior=acc)
+    return Plan(n, q, steps_per_epoch, planned, sigmas[0], sel_sigma, flow_steps, sigmas[1] if flow_steps else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,6 +274,7 @@ def train(
     seed: int | None = None,
     progress: bool = True,
     epoch_callback: Callable[[int, SiteAccountant], None] | None = None,
+    flow_epoch_callback: Callable[[int, SiteAccountant], None] | None = None,
 ) -> TrainResult:
     """Train on a frame already validated against ``schema``; write the model directory ``out``.
 
@@ -312,7 +352,77 @@ def train(
         losses = st["losses"]
         if plan.noise_multiplier is not None and abs(st["noise_multiplier"] - plan.noise_multiplier) > 1e-9:
             raise ModelError(f"{out}: recalibrated noise differs from the interrupted run's; cannot resume safely")
+        if plan.flow_noise is not None and abs(st.get("flow_noise", -1.0) - plan.flow_noise) > 1e-9:
+            raise ModelError(f"{out}: recalibrated flow noise differs from the interrupted run's; cannot resume safely")
 
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "snapshots").mkdir(exist_ok=True)
+    t0 = time.time()
+    prev_seconds = st["seconds"] if st else 0.0
+    bar = _Progress(plan.planned_steps + plan.flow_steps, progress)
+
+    # ---- phase 1: the vitals flow (DP-SGD, its own mechanism in the same accountant) ---------------
+    flow = flow_opt = None
+    flow_losses: list[float] = []
+    flow_done = 0
+    if plan.flow_steps:
+        codec = VitalsCodec(schema, encoder)
+        flow = ConditionalFlow(codec.dim, codec.cond_dim, config.flow)
+        flow_opt = torch.optim.Adam(flow.parameters(), lr=config.flow.lr)
+        if st is not None:
+            flow_done = st.get("flow_epochs_done", 0)
+            load_weights(flow, work / "flow.safetensors")
+            _unflatten_optimizer(flow_opt, load_file(str(work / "flow_optimizer.safetensors")), st["flow_opt"], "f")
+            flow_losses = st.get("flow_losses", [])
+        bar.update(flow_done * plan.steps_per_epoch)
+        if flow_done < config.flow.epochs:
+            u, obs, c = codec.encode(df, x_np)
+            fds = torch.utils.data.TensorDataset(torch.from_numpy(u), torch.from_numpy(obs), torch.from_numpy(c))
+            floader = torch.utils.data.DataLoader(fds, batch_size=config.batch_size, generator=sample_gen)
+            if non_private:
+                from opacus.data_loader import DPDataLoader
+
+                train_flow, f_opt, f_crit = flow, flow_opt, None
+                f_loader = DPDataLoader.from_data_loader(floader, generator=sample_gen)
+            else:
+                train_flow, f_opt, f_crit, f_loader = make_private_flow(
+                    flow=flow, optimizer=flow_opt, loader=floader, noise_multiplier=plan.flow_noise,
+                    max_grad_norm=config.max_grad_norm, noise_generator=noise_gen)
+            if abs(f_loader.sample_rate - plan.sample_rate) > 1e-12:
+                raise RuntimeError(f"flow sampling rate mismatch: {f_loader.sample_rate} vs plan {plan.sample_rate}")
+            dequant = torch.Generator()
+            dequant.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed + 2)
+
+            def flow_may_step() -> bool:  # never take a step the calibration did not plan for
+                return non_private or sum(m.steps for m in accountant.history if m.mechanism == FLOW_MECHANISM) < plan.flow_steps
+
+            def flow_stepped() -> None:
+                if not non_private:
+                    accountant.step(FLOW_MECHANISM, noise_multiplier=plan.flow_noise, sample_rate=plan.sample_rate)
+                bar.update(1)
+
+            try:
+                for fe in range(flow_done, config.flow.epochs):
+                    ls = flow_epoch(flow=train_flow, optimizer=f_opt, criterion=f_crit, loader=f_loader, codec=codec,
+                                    dequant=dequant, private=not non_private, may_step=flow_may_step, stepped=flow_stepped)
+                    flow_losses.append(float(np.nanmean(ls)) if ls else float("nan"))
+                    bar.update(0, flow_epoch=f"{fe + 1}/{config.flow.epochs}", nll=f"{flow_losses[-1]:.3f}")
+                    flow_done = fe + 1
+                    _save_resume_state(
+                        work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
+                        g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
+                        epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
+                        data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
+                        flow=flow, flow_opt=f_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
+                    )
+                    if flow_epoch_callback is not None:
+                        flow_epoch_callback(flow_done, accountant)
+            except BaseException:
+                bar.close()
+                raise
+            flow_opt = f_opt
+
+    # ---- phase 2: the WGAN -------------------------------------------------------------------------
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x_np))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, generator=sample_gen)
     if non_private:
@@ -330,11 +440,6 @@ def train(
         raise RuntimeError(f"sampling rate mismatch: loader {dp_loader.sample_rate} vs plan {plan.sample_rate}")
 
     snap_epochs = sorted({max(1, round(config.epochs * (i + 1) / max(1, config.checkpoints))) for i in range(max(1, config.checkpoints))})
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "snapshots").mkdir(exist_ok=True)
-    t0 = time.time()
-    prev_seconds = st["seconds"] if st else 0.0
-    bar = _Progress(plan.planned_steps, progress)
     bar.update(start_epoch * plan.steps_per_epoch)
 
     def sgd_steps() -> int:
@@ -371,6 +476,7 @@ def train(
                 work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic, g_opt=g_opt, c_opt=c_opt, accountant=accountant,
                 epochs_done=epoch + 1, config=config, epsilon=epsilon, delta=delta, non_private=non_private,
                 schema=schema, data_sha256=data_sha256, plan=plan, snapshots=snapshots, losses=losses,
+                flow=flow, flow_opt=flow_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
             )
             if epoch_callback is not None:
                 epoch_callback(epoch + 1, accountant)
@@ -406,9 +512,25 @@ def train(
 
     # ---- write the model directory (manifest last: a dir without it is incomplete) -------------
     save_weights(final_gen, out / "generator.safetensors")
+    files = ["generator.safetensors", "schema.json", "accountant.json"]
+    if flow is not None:
+        save_weights(flow, out / "flow.safetensors")
+        files.insert(1, "flow.safetensors")
     schema.save(out / "schema.json")
     atomic_write_json(out / "accountant.json", accountant.state_dict())
     sgd = [m for m in accountant.history if m.mechanism == CRITIC_MECHANISM]
+    flow_sgd = [m for m in accountant.history if m.mechanism == FLOW_MECHANISM]
+    per_model = {"wgan": {"mechanism": CRITIC_MECHANISM, "noise_multiplier": plan.noise_multiplier,
+                          "sample_rate": plan.sample_rate, "steps": sum(m.steps for m in sgd),
+                          "planned_steps": plan.planned_steps, "share": config.budget_shares["wgan"]}}
+    if flow is not None:
+        per_model["flow"] = {"mechanism": FLOW_MECHANISM, "noise_multiplier": plan.flow_noise,
+                             "sample_rate": plan.sample_rate, "steps": sum(m.steps for m in flow_sgd),
+                             "planned_steps": plan.flow_steps, "share": config.budget_shares["flow"]}
+    if not non_private:
+        for v in per_model.values():  # what each model would cost alone (for reading the split; not additive)
+            v["epsilon_alone"] = SiteAccountant([Mechanism(v["mechanism"], v["noise_multiplier"], v["sample_rate"],
+                                                           v["steps"])]).epsilon(delta) if v["steps"] else 0.0
     privacy = {
         "differentially_private": not non_private,
         "statement": NOT_PRIVATE if non_private else PRIVACY_STATEMENT,
@@ -425,6 +547,8 @@ def train(
         "sample_rate": plan.sample_rate,
         "steps": sum(m.steps for m in sgd),
         "planned_steps": plan.planned_steps,
+        "models": per_model,
+        "budget_split": {"rule": BUDGET_SPLIT_RULE, "shares": {m: config.budget_shares[m] for m in per_model}},
         "noise_rng": "torch generator seeded from os.urandom (Opacus secure_mode is not used: it needs "
         "torchcsprng, unmaintained since 2021)" if seed is None else f"SEEDED ({seed}): test/comparison only",
         "mechanisms": [asdict(m) for m in accountant.history],
@@ -437,7 +561,7 @@ def train(
         "format": MODEL_FORMAT,
         "dpsynth_version": __version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "models": ["wgan"],
+        "models": list(config.models),
         "schema_sha256": schema.hash(),
         "data": {"file": data_path, "sha256": data_sha256, "rows": n, "clipped_values": clipped},
         "privacy": privacy,
@@ -448,15 +572,14 @@ def train(
             "selected_epoch": chosen_epoch,
             "epoch_losses": losses,
             "encoded_dim": encoder.dim,
+            "flow_epoch_nll": flow_losses,
         },
-        "files": {
-            name: sha256_file(out / name) for name in ("generator.safetensors", "schema.json", "accountant.json")
-        },
+        "files": {name: sha256_file(out / name) for name in files},
     }
     ledger = Ledger(out / "ledger.jsonl")
     ledger.append("train", {"epsilon": eps_final, "delta": delta, "steps": privacy["steps"],
                             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                            "model": "wgan", "private": not non_private})
+                            "model": "+".join(config.models), "models": per_model, "private": not non_private})
     manifest["ledger_head"] = ledger.head()
     atomic_write_json(manifest_path, manifest)
     shutil.rmtree(work, ignore_errors=True)
@@ -464,7 +587,15 @@ def train(
 
 
 def _save_resume_state(work: Path, *, seconds, generator, ema, critic, g_opt, c_opt, accountant, epochs_done, config, epsilon,
-                       delta, non_private, schema, data_sha256, plan, snapshots, losses) -> None:
+                       delta, non_private, schema, data_sha256, plan, snapshots, losses, flow=None, flow_opt=None,
+                       flow_epochs_done=0, flow_losses=()) -> None:
+    flow_meta = None
+    if flow is not None:  # written before state.json: the state never names a file that is not there yet
+        save_weights(getattr(flow, "_module", flow), work / "flow.safetensors")
+        ft, flow_meta = _flatten_optimizer(getattr(flow_opt, "original_optimizer", flow_opt), "f")
+        tmp = work / ".flow_optimizer.safetensors.tmp"
+        save_file(ft, str(tmp))
+        os.replace(tmp, work / "flow_optimizer.safetensors")
     save_weights(generator, work / "generator.safetensors")
     if ema is not None:
         save_weights(ema, work / "generator_ema.safetensors")
@@ -491,6 +622,10 @@ def _save_resume_state(work: Path, *, seconds, generator, ema, critic, g_opt, c_
         "g_opt": gmeta,
         "c_opt": cmeta,
         "seconds": seconds,
+        "flow_noise": plan.flow_noise,
+        "flow_epochs_done": flow_epochs_done,
+        "flow_losses": list(flow_losses),
+        "flow_opt": flow_meta,
     })
 
 
@@ -515,3 +650,13 @@ def load_model(model_dir: str | os.PathLike) -> tuple[dict, Schema, Generator, E
     gen = Generator(w.latent_dim, w.gen_hidden, enc.dim)
     load_weights(gen, model_dir / "generator.safetensors")
     return manifest, schema, gen, enc
+
+
+def load_flow(model_dir: str | os.PathLike, manifest: dict, schema: Schema, encoder: Encoder):
+    """The vitals flow of a model directory already checked by ``load_model``; (None, None) without one."""
+    if "flow" not in manifest.get("models", []):
+        return None, None
+    codec = VitalsCodec(schema, encoder)
+    flow = ConditionalFlow(codec.dim, codec.cond_dim, TrainConfig.from_json(manifest["training"]["config"]).flow)
+    load_weights(flow, Path(model_dir) / "flow.safetensors")
+    return flow, codec

@@ -188,3 +188,75 @@ def calibrate_noise(
         else:
             hi = mid
     return hi
+
+
+def split_sigmas(scale: float, parts: list[tuple[float, int, float]]) -> list[float]:
+    """Noise multipliers for several DP-SGD mechanisms sharing one budget (the split rule).
+
+    Each part is (sample_rate q, steps T, share w). By the central-limit approximation of subsampled Gaussian
+    DP-SGD (Bu, Dong, Long & Su 2020), T steps at (σ, q) are ≈ μ-GDP with μ² = q²·T·(e^{1/σ²} − 1), and μ²
+    adds up under composition. The rule gives part m the share w_m of the total μ²: μ_m² = w_m·scale², i.e.
+    σ_m = 1 / sqrt(log(1 + w_m·scale² / (q_m²·T_m))). ``calibrate_split`` then searches the one ``scale`` at
+    which the exact PRV composition of everything meets the target — so the total ε is exact, and the shares
+    are shares of the privacy loss in that approximation.
+    """
+    out = []
+    for q, steps, w in parts:
+        x = w * scale * scale / (q * q * steps)
+        out.append(1.0 / math.sqrt(math.log1p(x)) if x > 0 else float("inf"))
+    return out
+
+
+def calibrate_split(
+    *,
+    target_epsilon: float,
+    delta: float,
+    parts: list[tuple[str, float, int, float]],
+    prior: SiteAccountant | None = None,
+    tolerance: float = 0.01,
+) -> list[float]:
+    """σ per mechanism for ``parts`` = [(mechanism, sample_rate, steps, share), ...] such that ``prior`` plus all
+    parts composes to ≤ target ε (PRV), with the privacy loss split by ``share`` (see ``split_sigmas``).
+    One part reduces to ``calibrate_noise``."""
+    if len(parts) == 1:
+        name, q, steps, _ = parts[0]
+        return [calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                                mechanism=name, prior=prior, tolerance=tolerance)]
+    prior = prior or SiteAccountant()
+    for name, q, steps, w in parts:
+        if steps <= 0:
+            raise PrivacyParameterError(f"{name}: planned steps must be positive, got {steps}")
+        if not (w > 0 and math.isfinite(w)):
+            raise PrivacyParameterError(f"{name}: budget share must be positive, got {w}")
+    total = sum(w for *_, w in parts)
+    norm = [(q, steps, w / total) for _, q, steps, w in parts]
+    spent = prior.epsilon(delta)
+    if spent >= target_epsilon:
+        raise BudgetExceededError(
+            f"ε already spent ({spent:.3f}) reaches the target ε={target_epsilon:g}; nothing left to train with"
+        )
+
+    def eps(scale: float) -> float:
+        sig = split_sigmas(scale, norm)
+        if min(sig) > 1e4:
+            return 0.0
+        return prior.epsilon(delta, [Mechanism(n, s, q, t) for (n, q, t, _), s in zip(parts, sig)])
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) <= target_epsilon:  # grow until the budget is crossed (scale ∝ total μ)
+        lo, hi = hi, hi * 2
+        if hi > 1e3:
+            break
+    if lo == 0.0:
+        while eps(hi) > target_epsilon:
+            hi /= 2
+            if hi < 1e-6:
+                raise PrivacyParameterError("cannot meet the target ε with the planned steps; use fewer epochs")
+        lo, hi = hi, hi * 2
+    while hi - lo > tolerance * lo:
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return split_sigmas(lo, norm)  # the largest scale known to stay within the target
