@@ -55,7 +55,7 @@ def column_stats(real, syn, schema) -> dict:
             "mean_corr_diff": v["correlation"]["mean_abs_diff"]}
 
 
-def one_run(variant: str, eps: float, seed: int, data: Path, n_syn: int) -> dict:
+def one_run(variant: str, eps: float, seed: int, data: Path, n_syn: int, shares: dict | None = None) -> dict:
     import warnings
 
     import pandas as pd
@@ -71,6 +71,8 @@ def one_run(variant: str, eps: float, seed: int, data: Path, n_syn: int) -> dict
     real = validate_frame(pd.read_csv(data / "train.csv"), schema, "train")
     non_private = math.isinf(eps)
     cfg = TrainConfig(models=VARIANTS[variant])
+    if shares:
+        cfg.budget_shares = {**cfg.budget_shares, **shares}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()
         res = train(real, schema, out=Path(tmp) / "m", epsilon=None if non_private else eps, delta=None, config=cfg,
@@ -121,9 +123,11 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("VARIANT", "EPS", "SEED"))
     ap.add_argument("--data")
     ap.add_argument("--save", default="vitals", help="results/<name>.json")
+    ap.add_argument("--shares", help="budget shares as JSON, e.g. '{\"wgan\": 1, \"flow\": 1}' (default: TrainConfig's)")
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one_run(a.one[0], float(a.one[1]), int(a.one[2]), Path(a.data), a.n_synthetic)))
+        print(json.dumps(one_run(a.one[0], float(a.one[1]), int(a.one[2]), Path(a.data), a.n_synthetic,
+                                 json.loads(a.shares) if a.shares else None)))
         return
     import pandas as pd
 
@@ -143,7 +147,7 @@ def main() -> None:
             for variant in a.variants:
                 for seed in a.seeds:
                     cmd = [sys.executable, __file__, "--one", variant, str(eps), str(seed), "--data", str(data),
-                           "--n-synthetic", str(a.n_synthetic)]
+                           "--n-synthetic", str(a.n_synthetic)] + (["--shares", a.shares] if a.shares else [])
                     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
                     print(f"{variant} eps={eps} seed={seed}: fit {r['fit_seconds']:.0f}s mean KS {r['mean_ks']:.3f} "
                           f"height {r['columns']['height']['ks']:.3f} weight {r['columns']['weight']['ks']:.3f} "
@@ -166,6 +170,7 @@ def main() -> None:
         "holdout_reference": reference,
         "summary": summary,
         "targets_at_eps3": verdict,
+        "budget_shares": json.loads(a.shares) if a.shares else "TrainConfig default",
         "runs": runs,
         "environment": environment(),
     })

@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default wgan,flow = the chained patient")
     s.add_argument("--flow-epochs", type=_positive_int, default=60, help="epochs of the vitals flow")
     s.add_argument("--budget-shares", default="",
-                   help="how ε is split between the models, e.g. wgan=3,flow=1 (the default); see `dpsynth budget`")
+                   help="how ε is split between the models, e.g. wgan=3,flow=1 (default wgan=1,flow=1); see `dpsynth budget`")
     s.add_argument("--non-private", action="store_true", help="no clipping, no noise: comparison only")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--overwrite", action="store_true")
