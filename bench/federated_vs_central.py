@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int, seed: int, n_syn: int):
+def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int, seed: int, n_syn: int,
+              models: list[str]):
     import numpy as np
     import torch
 
+    from dpsynth.models.flow import ConditionalFlow, FlowConfig, VitalsCodec, fill_vitals
     from dpsynth.models.wgan import Critic, Generator, WGANConfig, sample_encoded
     from dpsynth.preprocess import Encoder
     from dpsynth.site import RunRequest, Site, SitePolicy
@@ -36,7 +38,7 @@ def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int
     sites = [Site(work / s, name=s, data_path=data / f"site_{s}.csv", policy=SitePolicy(max_epsilon=eps, min_patients=100))
              for s in "abc"]
     req = RunRequest(run_id=f"bench-{seed}", epsilon=eps, rounds=rounds, local_epochs=local_epochs, batch_size=batch,
-                     models=["wgan"])
+                     models=list(models))
     for s in sites:
         s.plan_run(req)
     w = WGANConfig()
@@ -44,17 +46,25 @@ def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int
     torch.manual_seed(seed)
     g = Generator(w.latent_dim, w.gen_hidden, enc.dim).state_dict()
     c = Critic(enc.dim, w.critic_hidden).state_dict()
+    codec = VitalsCodec(sites[0].schema, enc)
+    f = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig()).state_dict() if "flow" in models else None
     t = time.time()
     for r in range(1, rounds + 1):
-        outs = [s.train_round(r, g, c, wgan=w) for s in sites]
+        outs = [s.train_round(r, g, c, wgan=w, flow_state=f) for s in sites]
         weights = [o[2]["expected_batches"] for o in outs]
         g = fedavg([o[0] for o in outs], weights)
         c = fedavg([o[1] for o in outs], weights)
+        if f is not None:
+            f = fedavg([o[3] for o in outs], weights)
     fit = time.time() - t
     gen = Generator(w.latent_dim, w.gen_hidden, enc.dim)
     gen.load_state_dict(g)
     x = sample_encoded(gen, enc, n_syn, w.latent_dim).numpy()
     df = enc.inverse(x, rng=np.random.default_rng(seed))
+    if f is not None:
+        flow = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig())
+        flow.load_state_dict(f)
+        df = fill_vitals(flow, codec, df)
     for con in sites[0].schema.constraints:
         if con.enforce:
             con.enforce_on(df, sites[0].schema)
@@ -62,19 +72,19 @@ def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int
     return df, fit, eps_sites
 
 
-def central(data: Path, eps: float, seed: int, n_syn: int):
+def central(data: Path, eps: float, seed: int, n_syn: int, models: list[str]):
     import pandas as pd
 
     from dpsynth.generate import generate
     from dpsynth.data.demo import demo_schema
     from dpsynth.schema import validate_frame
-    from dpsynth.train import train
+    from dpsynth.train import TrainConfig, train
 
     schema = demo_schema()
     df = validate_frame(pd.read_csv(data / "train.csv"), schema, "train.csv")
     out = Path(tempfile.mkdtemp(prefix="centralbench-")) / "model"
     t = time.time()
-    res = train(df, schema, out=out, epsilon=eps, progress=False)
+    res = train(df, schema, out=out, epsilon=eps, config=TrainConfig(models=tuple(models)), progress=False)
     fit = time.time() - t
     syn, _ = generate(out, n_syn, seed=seed)
     return syn, fit, res.epsilon
@@ -96,6 +106,7 @@ def main() -> int:
     p.add_argument("--local-epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--n-syn", type=int, default=10000)
+    p.add_argument("--models", default="wgan,flow", help="the same models on both sides (default: chained patient)")
     a = p.parse_args()
     data = Path(tempfile.mkdtemp(prefix="fedbench-data-"))
     write_demo(data)
@@ -105,9 +116,10 @@ def main() -> int:
     keys = ("tstr_trtr_auroc_ratio", "mean_apd", "correlation_distance")
     runs = []
     for seed in a.seeds:
-        syn_f, fit_f, eps_f = federated(data, a.eps, a.rounds, a.local_epochs, a.batch_size, seed, a.n_syn)
+        models = [m for m in a.models.split(",") if m]
+        syn_f, fit_f, eps_f = federated(data, a.eps, a.rounds, a.local_epochs, a.batch_size, seed, a.n_syn, models)
         hf = evaluate(real, hold, syn_f, schema)["headline"]
-        syn_c, fit_c, eps_c = central(data, a.eps, seed, a.n_syn)
+        syn_c, fit_c, eps_c = central(data, a.eps, seed, a.n_syn, models)
         hc = evaluate(real, hold, syn_c, schema)["headline"]
         runs.append({"seed": seed, "federated": {**{k: hf.get(k) for k in keys}, "fit_seconds": round(fit_f, 1),
                                                   "site_epsilon": eps_f},
@@ -124,7 +136,7 @@ def main() -> int:
              if summary["central"]["tstr_trtr_auroc_ratio"] else None)
     save("federated_vs_central", {
         "benchmark": "3-site federation vs central DP-WGAN at equal ε per site (NAFLD demo cohort)",
-        "epsilon_per_site": a.eps, "rounds": a.rounds, "local_epochs": a.local_epochs, "batch_size": a.batch_size,
+        "epsilon_per_site": a.eps, "models": a.models, "rounds": a.rounds, "local_epochs": a.local_epochs, "batch_size": a.batch_size,
         "runs": runs, "mean": summary, "federated_over_central_tstr": ratio, "target": 0.95,
         "meets_target": ratio is not None and ratio >= 0.95, "environment": environment(),
     })

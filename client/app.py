@@ -130,7 +130,18 @@ def train(msg: Message, context: Context) -> Message:
         c_t = Critic(enc.dim, wgan.critic_hidden).state_dict()
         g_in = wire.record_to_state(msg.content["generator"], g_t, who="coordinator", what="generator")
         c_in = wire.record_to_state(msg.content["critic"], c_t, who="coordinator", what="critic")
-        g, c, report = site.train_round(round_no, g_in, c_in, wgan=wgan)
+        f_in = flow_cfg = None
+        if "flow" in msg.content:
+            from dpsynth.models.flow import ConditionalFlow, VitalsCodec
+
+            flow_cfg = wire.flow_from_json(str(cfg["flow"]))
+            codec = VitalsCodec(site.schema, enc)
+            f_t = ConditionalFlow(codec.dim, codec.cond_dim, flow_cfg).state_dict()
+            f_in = wire.record_to_state(msg.content["flow"], f_t, who="coordinator", what="flow")
+        g, c, report, f = site.train_round(round_no, g_in, c_in, wgan=wgan, flow_state=f_in, flow_config=flow_cfg)
+        if (f is None) != (f_in is None):
+            raise DpsynthError(f"site {site.name!r}: the coordinator's models do not match this site's plan "
+                               f"({site.plan.models if site.plan else None})")
         _mirror_put(context, site)
         metrics = MetricRecord({
             "round": round_no, "steps": int(report["steps_round"]), "expected_batches": int(report["expected_batches"]),
@@ -150,10 +161,11 @@ def train(msg: Message, context: Context) -> Message:
                 g[k] = torch.full_like(g[k], float("nan"))
             elif fault == "oversized":
                 spend = spend[:-1] + ', "padding": "' + "x" * (wire.MAX_JSON_CHARS + 1) + '"}'
-        return Message(RecordDict({
-            "generator": wire.state_to_record(g), "critic": wire.state_to_record(c), "metrics": metrics,
-            "report": ConfigRecord({"site": site.name, "spend": spend}),
-        }), reply_to=msg)
+        out = {"generator": wire.state_to_record(g), "critic": wire.state_to_record(c), "metrics": metrics,
+               "report": ConfigRecord({"site": site.name, "spend": spend})}
+        if f is not None:
+            out["flow"] = wire.state_to_record(f)
+        return Message(RecordDict(out), reply_to=msg)
     except Exception as e:  # noqa: BLE001
         return _error_reply(msg, name, e)
 

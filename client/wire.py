@@ -17,6 +17,7 @@ import torch
 
 from flwr.app import ArrayRecord, ConfigRecord
 
+from dpsynth.models.flow import FlowConfig
 from dpsynth.models.wgan import WGANConfig
 
 MAX_WEIGHT_BYTES = 64 * 1024 * 1024  # per model
@@ -116,6 +117,18 @@ def wgan_from_json(text: str) -> WGANConfig:
     if "betas" in d:
         d["betas"] = tuple(d["betas"])
     return WGANConfig(**d)
+
+
+def flow_to_json(f: FlowConfig) -> str:
+    return dumps(asdict(f))
+
+
+def flow_from_json(text: str) -> FlowConfig:
+    d = loads(text, who="coordinator", what="flow config")
+    unknown = set(d) - set(FlowConfig.__dataclass_fields__)
+    if unknown:
+        raise WireError(f"coordinator: unknown flow settings {sorted(unknown)}")
+    return FlowConfig(**d)
 
 
 def config(**kw) -> ConfigRecord:

@@ -36,16 +36,17 @@ import torch
 
 from .errors import BudgetExceededError, DataError, DpsynthError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
+from .models.flow import ConditionalFlow, FlowConfig, VitalsCodec, flow_epoch, make_private_flow
 from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
 from .preprocess import Encoder
-from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise
+from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_split
 from .privacy.ledger import Ledger
 from .schema import Schema, validate_frame
-from .train import CRITIC_MECHANISM, check_privacy_args, default_delta
+from .train import CRITIC_MECHANISM, FLOW_MECHANISM, TrainConfig, check_privacy_args, default_delta
 
 STATE_FORMAT = "dpsynth-site-state/1"
 KNOWN_MODELS = ("wgan", "flow", "text")
-IMPLEMENTED_MODELS = ("wgan",)
+IMPLEMENTED_MODELS = ("wgan", "flow")
 
 
 class SitePolicyError(DpsynthError):
@@ -64,7 +65,7 @@ class SitePolicy:
 
     max_epsilon: float
     delta: float | None = None  # None: 1/(10·n) rounded down (dpsynth.train.default_delta)
-    allowed_models: list[str] = field(default_factory=lambda: ["wgan"])
+    allowed_models: list[str] = field(default_factory=lambda: ["wgan", "flow"])
     min_patients: int = 500
     allow_notes: bool = False
     holdout_fraction: float = 0.2  # share of the site's file kept out of training for the site's audits
@@ -95,7 +96,7 @@ class SitePolicy:
             raise SitePolicyError(f"{where}: max_epsilon is required")
         d = dict(d)
         d.setdefault("name", Path(where).stem)
-        d["allowed_models"] = list(d.get("allowed_models", ["wgan"]))
+        d["allowed_models"] = list(d.get("allowed_models", ["wgan", "flow"]))
         return cls(**d)
 
     @classmethod
@@ -158,6 +159,8 @@ class SitePlan:
     max_grad_norm: float
     prior_epsilon: float
     models: list[str]
+    flow_noise_multiplier: float | None = None  # σ of the vitals flow's DP-SGD (None: no flow in this run)
+    budget_shares: dict | None = None
 
     def public(self) -> dict:
         """What the site tells the coordinator (no record-level information; steps_per_epoch ≈ n/batch)."""
@@ -234,6 +237,44 @@ def local_dp_round(
     g_state = {k: v.detach().clone().contiguous() for k, v in generator.state_dict().items()}
     c_state = {k: v.detach().clone().contiguous() for k, v in critic.state_dict().items()}
     return g_state, c_state, steps, losses
+
+
+def local_flow_round(*, df: pd.DataFrame, schema: Schema, encoder: Encoder, x: np.ndarray, flow_state: dict | None,
+                     config: FlowConfig, epochs: int, batch_size: int, noise_multiplier: float, max_grad_norm: float,
+                     max_steps: int, seed: int | None = None) -> tuple[dict, int, list[float]]:
+    """``epochs`` local epochs of DP training of the vitals flow from the given weights (the same wiring and step
+    as dpsynth.train: models.flow.make_private_flow + flow_epoch); never more than ``max_steps`` DP steps.
+    Returns (flow state, DP steps taken, per-epoch mean NLL)."""
+    codec = VitalsCodec(schema, encoder)
+    if seed is not None:
+        torch.manual_seed(seed)
+    flow = ConditionalFlow(codec.dim, codec.cond_dim, config)
+    if flow_state is not None:
+        flow.load_state_dict(flow_state)
+    gens = []
+    for k in range(3):  # noise, Poisson sampling, dequantisation
+        g = torch.Generator()
+        g.manual_seed(seed + k if seed is not None else _seed_from_os())
+        gens.append(g)
+    u, obs, c = codec.encode(df, x)
+    ds = torch.utils.data.TensorDataset(torch.from_numpy(u), torch.from_numpy(obs), torch.from_numpy(c))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, generator=gens[1])
+    model, opt, crit, dp_loader = make_private_flow(
+        flow=flow, optimizer=torch.optim.Adam(flow.parameters(), lr=config.lr), loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=gens[0])
+    taken = [0]
+
+    def stepped() -> None:
+        taken[0] += 1
+
+    losses = []
+    for _ in range(epochs):
+        ls = flow_epoch(flow=model, optimizer=opt, criterion=crit, loader=dp_loader, codec=codec, dequant=gens[2],
+                        private=True, may_step=lambda: taken[0] < max_steps, stepped=stepped)
+        if ls:
+            losses.append(float(np.nanmean(ls)))
+    state = {k: v.detach().clone().contiguous() for k, v in flow.state_dict().items()}
+    return state, taken[0], losses
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,16 +416,25 @@ class Site:
         if prior >= target:
             self._refuse("plan", f"ε already spent on this site's patients ({prior:.3f}) reaches the cap "
                                  f"{target:g}; nothing left to train with", BudgetExceededError)
+        if "wgan" not in request.models:
+            self._refuse("plan", "the models must include wgan (the record the other models are conditioned on)",
+                         SitePolicyError)
+        shares = {m: TrainConfig().budget_shares[m] for m in request.models}
+        parts = [(CRITIC_MECHANISM, q, planned, shares["wgan"])]
+        if "flow" in request.models:  # the flow trains the same local epochs in the same rounds
+            parts.append((FLOW_MECHANISM, q, planned, shares["flow"]))
         try:
-            sigma = calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=planned,
-                                    mechanism=CRITIC_MECHANISM, prior=acc)
+            sigmas = calibrate_split(target_epsilon=target, delta=delta, parts=parts, prior=acc)
         except (PrivacyParameterError, BudgetExceededError) as e:
             self._refuse("plan", f"cannot plan within the remaining budget: {e}", BudgetExceededError)
+        sigma = sigmas[0]
+        flow_sigma = sigmas[1] if len(sigmas) > 1 else None
         plan = SitePlan(run_id=request.run_id, epsilon=target, requested_epsilon=float(request.epsilon), policy_cap=cap,
                         delta=delta, rounds=request.rounds, local_epochs=request.local_epochs,
                         batch_size=request.batch_size, steps_per_epoch=steps_per_epoch, steps_per_round=steps_per_round,
                         planned_steps=planned, sample_rate=q, noise_multiplier=sigma,
-                        max_grad_norm=float(request.max_grad_norm), prior_epsilon=prior, models=list(request.models))
+                        max_grad_norm=float(request.max_grad_norm), prior_epsilon=prior, models=list(request.models),
+                        flow_noise_multiplier=flow_sigma, budget_shares=shares)
         self._state["plan"] = asdict(plan)
         self._state["rounds"] = []
         self._state["data_sha256"] = sha256_file(self.data_path)
@@ -407,35 +457,40 @@ class Site:
         if self._state.get("data_sha256") != sha256_file(self.data_path):
             self._refuse("round", f"the data file {self.data_path} changed since the run was planned", DataError)
         cap = min(plan.epsilon, float(self.policy.max_epsilon))
-        mech = Mechanism(CRITIC_MECHANISM, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        mechs = [Mechanism(CRITIC_MECHANISM, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+        if plan.flow_noise_multiplier is not None:
+            mechs.append(Mechanism(FLOW_MECHANISM, plan.flow_noise_multiplier, plan.sample_rate, plan.steps_per_round))
         acc = self.accountant
-        eps_after = acc.epsilon(plan.delta, [mech])
+        eps_after = acc.epsilon(plan.delta, mechs)
         if eps_after > cap * (1 + 1e-6):
             self._refuse("round", f"round {round_no} would bring ε to {eps_after:.4f} > cap {cap:g} "
                                   f"(already spent {acc.epsilon(plan.delta):.4f})", BudgetExceededError)
-        acc.step(CRITIC_MECHANISM, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                 steps=plan.steps_per_round)
+        for m in mechs:
+            acc.step(m.mechanism, noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate, steps=m.steps)
         self._state["accountant"] = acc.state_dict()
         res = {"run_id": plan.run_id, "round": int(round_no), "steps": plan.steps_per_round,
                "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-               "epsilon_after": eps_after, "delta": plan.delta, "model": "wgan"}
+               "flow_noise_multiplier": plan.flow_noise_multiplier,
+               "epsilon_after": eps_after, "delta": plan.delta, "model": "+".join(plan.models)}
         self._state.setdefault("rounds", []).append({**res, "status": "reserved"})
         self._save_state()  # on disk before the first step
         self.ledger.append("reserve", res)
         return res
 
-    def complete(self, reservation: dict, steps_taken: int, seconds: float) -> None:
-        if steps_taken > reservation["steps"]:
-            raise BudgetExceededError(f"site {self.name!r}: took {steps_taken} steps, reserved {reservation['steps']}")
+    def complete(self, reservation: dict, steps_taken: int, seconds: float, flow_steps_taken: int = 0) -> None:
+        for taken in (steps_taken, flow_steps_taken):
+            if taken > reservation["steps"]:
+                raise BudgetExceededError(f"site {self.name!r}: took {taken} steps, reserved {reservation['steps']}")
         for r in reversed(self._state["rounds"]):
             if r["round"] == reservation["round"] and r["status"] == "reserved":
                 r["status"] = "complete"
                 r["steps_taken"] = int(steps_taken)
+                r["flow_steps_taken"] = int(flow_steps_taken)
                 break
         self._save_state()
         self.ledger.append("round-complete", {"run_id": reservation["run_id"], "round": reservation["round"],
                                               "steps_reserved": reservation["steps"], "steps_taken": int(steps_taken),
-                                              "seconds": round(seconds, 2)})
+                                              "flow_steps_taken": int(flow_steps_taken), "seconds": round(seconds, 2)})
 
     def spend(self) -> dict:
         """The site's spend so far, as reported to the coordinator (ε, δ, steps, σ, q per mechanism)."""
@@ -455,7 +510,10 @@ class Site:
 
     # ---- a whole round ---------------------------------------------------------------------------
     def train_round(self, round_no: int, generator_state, critic_state, *, wgan: WGANConfig,
-                    seed: int | None = None) -> tuple[dict, dict, dict]:
+                    flow_state: dict | None = None, flow_config: FlowConfig | None = None,
+                    seed: int | None = None) -> tuple[dict, dict, dict, dict | None]:
+        """Reserve, then train the round's local epochs of every planned model from the coordinator's weights.
+        Returns (generator state, critic state, report, flow state or None)."""
         import time
 
         plan = self.plan
@@ -473,11 +531,20 @@ class Site:
             epochs=plan.local_epochs, batch_size=plan.batch_size, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, max_steps=res["steps"], seed=seed,
         )
-        self.complete(res, steps, time.time() - t0)
-        report = {**self.spend(), "round": int(round_no), "steps_round": int(steps),
+        f_out, flow_steps, flow_losses = None, 0, []
+        if plan.flow_noise_multiplier is not None:
+            f_out, flow_steps, flow_losses = local_flow_round(
+                df=train, schema=self.schema, encoder=encoder, x=x, flow_state=flow_state,
+                config=flow_config or FlowConfig(), epochs=plan.local_epochs, batch_size=plan.batch_size,
+                noise_multiplier=plan.flow_noise_multiplier, max_grad_norm=plan.max_grad_norm, max_steps=res["steps"],
+                seed=None if seed is None else seed + 10)
+        self.complete(res, steps, time.time() - t0, flow_steps)
+        report = {**self.spend(), "round": int(round_no), "steps_round": int(steps), "flow_steps_round": int(flow_steps),
                   "expected_batches": plan.steps_per_round, "noise_multiplier": plan.noise_multiplier,
-                  "sample_rate": plan.sample_rate, "losses": losses[-1] if losses else {}}
-        return g, c, report
+                  "flow_noise_multiplier": plan.flow_noise_multiplier,
+                  "sample_rate": plan.sample_rate, "losses": losses[-1] if losses else {},
+                  "flow_nll": flow_losses[-1] if flow_losses else None}
+        return g, c, report, f_out
 
     # ---- audit of a candidate release ------------------------------------------------------------
     def dp_facts(self) -> dict:
@@ -486,8 +553,12 @@ class Site:
             return {"differentially_private": False}
         acc = self.accountant
         sgd = [m for m in acc.history if m.mechanism == CRITIC_MECHANISM]
+        flow = [m for m in acc.history if m.mechanism == FLOW_MECHANISM]
         return {
             "differentially_private": True,
+            "models": list(plan.models),
+            "flow_noise_multiplier": plan.flow_noise_multiplier,
+            "flow_steps": sum(m.steps for m in flow if m.noise_multiplier == plan.flow_noise_multiplier),
             "epsilon": acc.epsilon(plan.delta),
             "delta": plan.delta,
             "unit": "patient",

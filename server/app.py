@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client import wire
 from dpsynth.io_utils import atomic_write_json
+from dpsynth.models.flow import ConditionalFlow, FlowConfig, VitalsCodec, fill_vitals
 from dpsynth.models.wgan import Critic, Generator, WGANConfig, sample_encoded
 from dpsynth.preprocess import Encoder
 from dpsynth.privacy.ledger import Ledger
@@ -54,7 +55,7 @@ class RunSettings:
     rounds: int = 3
     local_epochs: int = 2
     batch_size: int = 256
-    models: tuple[str, ...] = ("wgan",)
+    models: tuple[str, ...] = ("wgan", "flow")
     release_rows: int = 5000
     min_sites: int = 2
     expected_sites: int = 3
@@ -245,21 +246,24 @@ class Coordinator:
         self.ledger.append("schema-agreed", {"sha256": ref_hash, "sites": sorted(schemas), "run_id": self.run_id})
         return ref_json, Schema.from_json(wire.loads(ref_json, who="sites", what="schema"), where="agreed schema")
 
-    def train_round(self, r: int, gen: dict, critic: dict, g_t: dict, c_t: dict) -> tuple[dict, dict]:
-        cfg = wire.config(round=r, wgan=wire.wgan_to_json(self.s.wgan()))
-        contents = {n: RecordDict({"generator": wire.state_to_record(gen), "critic": wire.state_to_record(critic),
-                                   "config": cfg}) for n in self.sites}
+    def train_round(self, r: int, states: dict[str, dict], templates: dict[str, dict]) -> dict[str, dict]:
+        """One round: send every model's weights (generator, critic, and flow when planned), collect the sites'
+        updates, check them, FedAvg each model. Returns the aggregated states."""
+        cfg = wire.config(round=r, wgan=wire.wgan_to_json(self.s.wgan()),
+                          flow=wire.flow_to_json(FlowConfig()) if "flow" in states else None)
+        contents = {n: RecordDict({**{k: wire.state_to_record(v) for k, v in states.items()}, "config": cfg})
+                    for n in self.sites}
         t = time.time()
         replies = self.exchange(contents, wire.TRAIN, f"round-{r}", self.s.round_timeout)
-        gens, crits, weights = [], [], []
+        updates: dict[str, list[dict]] = {k: [] for k in states}
+        weights = []
         rows = []
         for n, reply in replies.items():
             site = self.sites[n]
             prob = self._problem(n, reply)
             if prob is None:
                 try:
-                    g = wire.record_to_state(reply.content["generator"], g_t, who=site, what="generator")
-                    c = wire.record_to_state(reply.content["critic"], c_t, who=site, what="critic")
+                    got = {k: wire.record_to_state(reply.content[k], templates[k], who=site, what=k) for k in states}
                     m = reply.content["metrics"]
                     plan = self.spend[site]["plan"]
                     steps = int(m["steps"])
@@ -276,8 +280,8 @@ class Coordinator:
             if prob is not None:
                 self.drop(n, f"round {r}: {prob}")
                 continue
-            gens.append(g)
-            crits.append(c)
+            for k, v in got.items():
+                updates[k].append(v)
             weights.append(w)
             entry = {"site": site, "round": r, "run_id": self.run_id, "model": "wgan", "epsilon": eps,
                      "delta": float(m["delta"]), "steps_round": steps, "steps_total": int(rep.get("steps", 0)),
@@ -290,25 +294,32 @@ class Coordinator:
             self.spend[site]["ledger_head"] = entry["site_ledger_head"]
             rows.append(entry)
         self.require_quorum(f"round {r}")
-        gen = fedavg(gens, weights)
-        critic = fedavg(crits, weights)
+        agg = {k: fedavg(v, weights) for k, v in updates.items()}
         self.rounds_done = r
-        log.info("round %d/%d aggregated from %d site(s) in %.1f s (FedAvg weights = expected batches)", r,
-                 self.s.rounds, len(gens), time.time() - t)
+        log.info("round %d/%d: %s aggregated from %d site(s) in %.1f s (FedAvg weights = expected batches)", r,
+                 self.s.rounds, ", ".join(agg), len(weights), time.time() - t)
         log.info("consortium ledger after round %d:", r)
         log.info("  %-10s %10s %10s %10s %10s %8s %8s", "site", "ε spent", "ε cap", "δ", "σ", "q", "steps")
         for e in sorted(rows, key=lambda e: e["site"]):
             log.info("  %-10s %10.4f %10.4g %10.3g %10.4g %8.4f %8d", e["site"], e["epsilon"], e["cap"] or float("nan"),
                      e["delta"], e["noise_multiplier"], e["sample_rate"], e["steps_total"])
-        return gen, critic
+        return agg
 
-    def candidate(self, schema: Schema, gen_state: dict) -> Path:
+    def candidate(self, schema: Schema, states: dict[str, dict]) -> Path:
+        """The candidate release: the aggregated WGAN's records, then (when trained) the aggregated flow's
+        continuous values conditioned on each record — the same chained patient as dpsynth.generate."""
         enc = Encoder(schema)
         w = self.s.wgan()
         g = Generator(w.latent_dim, w.gen_hidden, enc.dim)
-        g.load_state_dict(gen_state)
+        g.load_state_dict(states["generator"])
         x = sample_encoded(g, enc, self.s.release_rows, w.latent_dim).numpy()
         df = enc.inverse(x, rng=np.random.default_rng())
+        flow = None
+        if "flow" in states:
+            codec = VitalsCodec(schema, enc)
+            flow = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig())
+            flow.load_state_dict(states["flow"])
+            df = fill_vitals(flow, codec, df)
         for con in schema.constraints:
             if con.enforce:
                 con.enforce_on(df, schema)
@@ -320,6 +331,8 @@ class Coordinator:
 
         write_table(df, p)
         save_weights(g, cand / "generator.safetensors")
+        if flow is not None:
+            save_weights(flow, cand / "flow.safetensors")
         return p
 
     def audit(self, syn_path: Path, policy) -> dict[str, dict]:
@@ -363,14 +376,16 @@ class Coordinator:
             enc = Encoder(schema)
             w = s.wgan()
             torch.manual_seed(int.from_bytes(os.urandom(8), "little") % (2**63))
-            gen = Generator(w.latent_dim, w.gen_hidden, enc.dim).state_dict()
-            critic = Critic(enc.dim, w.critic_hidden).state_dict()
-            g_t = {k: v.clone() for k, v in gen.items()}
-            c_t = {k: v.clone() for k, v in critic.items()}
+            states = {"generator": Generator(w.latent_dim, w.gen_hidden, enc.dim).state_dict(),
+                      "critic": Critic(enc.dim, w.critic_hidden).state_dict()}
+            if "flow" in s.models:
+                codec = VitalsCodec(schema, enc)
+                states["flow"] = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig()).state_dict()
+            templates = {k: {n: t.clone() for n, t in v.items()} for k, v in states.items()}
             for r in range(1, s.rounds + 1):
-                gen, critic = self.train_round(r, gen, critic, g_t, c_t)
+                states = self.train_round(r, states, templates)
             summary["rounds_done"] = self.rounds_done
-            syn = self.candidate(schema, gen)
+            syn = self.candidate(schema, states)
             log.info("candidate release: %d rows sampled from the aggregated generator; sending it to %d site(s) "
                      "for audit", s.release_rows, len(self.sites))
             audits = self.audit(syn, policy)
@@ -396,6 +411,7 @@ class Coordinator:
             release = self.out / "release"
             man = write_bundle(out=release, synthetic_csv=syn, key_path=key, gate=gate, site_audits=audits,
                                summary=summary, generator_file=syn.parent / "generator.safetensors",
+                               models=list(s.models),
                                schema_json=schema_json, policy=policy.to_json(), policy_sha256=policy.hash())
             Ledger(self.out / "dpsynth-audit-log.jsonl").append("release-signed", {
                 "run_id": self.run_id, "out": str(release), "verdict": "PASS",

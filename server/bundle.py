@@ -60,7 +60,8 @@ consortium ε is the maximum site ε (parallel composition): <b>ε = {priv['cons
 
 
 def write_bundle(*, out: Path, synthetic_csv: Path, key_path: Path, gate: dict, site_audits: dict[str, dict],
-                 summary: dict, generator_file: Path, schema_json: str, policy: dict, policy_sha256: str) -> dict:
+                 summary: dict, generator_file: Path, schema_json: str, policy: dict, policy_sha256: str,
+                 models: list[str] | None = None) -> dict:
     """Write and sign the bundle into ``out`` (must not exist). Returns the manifest."""
     from audits.report import render
 
@@ -70,6 +71,9 @@ def write_bundle(*, out: Path, synthetic_csv: Path, key_path: Path, gate: dict, 
     with output_dir(out) as tmp:
         (tmp / "synthetic.csv").write_bytes(synthetic_csv.read_bytes())
         (tmp / "generator.safetensors").write_bytes(generator_file.read_bytes())
+        flow_file = generator_file.parent / "flow.safetensors"
+        if models and "flow" in models:
+            (tmp / "flow.safetensors").write_bytes(flow_file.read_bytes())
         atomic_write_text(tmp / "schema.json", schema_json)
         audit = {"format": FEDERATED_AUDIT_FORMAT, "gate": gate, "sites": site_audits,
                  "synthetic_sha256": sha256_file(synthetic_csv), "created_utc": summary["created_utc"]}
@@ -84,7 +88,8 @@ def write_bundle(*, out: Path, synthetic_csv: Path, key_path: Path, gate: dict, 
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "files": files,
             "synthetic_file": "synthetic.csv",
-            "model": {"generator_sha256": files["generator.safetensors"], "models": ["wgan"]},
+            "model": {"generator_sha256": files["generator.safetensors"], "flow_sha256": files.get("flow.safetensors"),
+                      "models": list(models or ["wgan"])},
             "schema_sha256": hashlib.sha256(schema_json.encode()).hexdigest(),
             "privacy": summary["privacy"],
             "sites": {s: {"ledger_head": a.get("spend", {}).get("ledger_head"), "epsilon": a["dp"].get("epsilon"),

@@ -206,6 +206,10 @@ def test_in_process_federation_trains_audits_and_signs(demo_dir, tmp_path):
     # Context.state mirrors the site's accountant across rounds
     st = json.loads(grid.contexts[101].state["dpsynth-site"]["state"])
     assert st["accountant"]["history"][0]["steps"] > 0
+    # the chained patient by default: the flow trained in the same rounds, charged to the same accountants,
+    # and shipped (hash-checked) in the signed bundle
+    assert {m["mechanism"] for m in st["accountant"]["history"]} >= {"dp-sgd:wgan-critic", "dp-sgd:flow"}
+    assert man["model"]["models"] == ["wgan", "flow"] and man["model"]["flow_sha256"] == man["files"]["flow.safetensors"]
 
 
 def test_malformed_weights_from_one_site_are_rejected_and_the_run_goes_on(demo_dir, tmp_path):

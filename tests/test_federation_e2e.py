@@ -26,7 +26,7 @@ def _policies(d: Path) -> dict[str, Path]:
     out = {}
     for s, cap in CAPS.items():
         p = d / f"policy_{s}.toml"
-        p.write_text(f'max_epsilon = {cap}\ndelta = 1e-5\nallowed_models = ["wgan"]\nmin_patients = 100\n')
+        p.write_text(f'max_epsilon = {cap}\ndelta = 1e-5\nallowed_models = ["wgan", "flow"]\nmin_patients = 100\n')
         out[s] = p
     return out
 

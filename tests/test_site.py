@@ -54,6 +54,9 @@ def test_disallowed_model_and_too_few_patients_are_refused(tmp_path, demo_dir):
     site = _site(tmp_path, demo_dir)
     with pytest.raises(SitePolicyError, match="not allowed"):
         site.plan_run(_req(models=("wgan", "text")))
+    wgan_only = _site(tmp_path / "w", demo_dir, allowed_models=["wgan"])  # a hospital that keeps vitals out
+    with pytest.raises(SitePolicyError, match="not allowed"):
+        wgan_only.plan_run(_req(models=("wgan", "flow")))
     site2 = Site(tmp_path / "s2", name="a", data_path=demo_dir / "site_a.csv",
                  policy=SitePolicy(max_epsilon=2.0, min_patients=10**6))
     with pytest.raises(SitePolicyError, match="below the site policy's minimum"):
@@ -119,15 +122,27 @@ def test_one_local_round_trains_from_given_weights_within_the_reserved_steps(tmp
     from dpsynth.models.wgan import Critic, Generator
     from dpsynth.preprocess import Encoder
 
+    from dpsynth.models.flow import ConditionalFlow, FlowConfig, VitalsCodec
+    from dpsynth.train import CRITIC_MECHANISM, FLOW_MECHANISM
+
     site = _site(tmp_path, demo_dir, cap=2.0)
-    site.plan_run(_req(rounds=2, local_epochs=1))
+    site.plan_run(_req(rounds=2, local_epochs=1, models=("wgan", "flow")))
+    assert site.plan.flow_noise_multiplier is not None
     enc = Encoder(site.schema)
     g0 = Generator(SMALL.latent_dim, SMALL.gen_hidden, enc.dim).state_dict()
     c0 = Critic(enc.dim, SMALL.critic_hidden).state_dict()
-    g, c, report = site.train_round(1, g0, c0, wgan=SMALL, seed=1)
-    assert set(g) == set(g0) and set(c) == set(c0)
+    codec = VitalsCodec(site.schema, enc)
+    f0 = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig()).state_dict()
+    g, c, report, f = site.train_round(1, g0, c0, wgan=SMALL, flow_state=f0, seed=1)
+    assert set(g) == set(g0) and set(c) == set(c0) and set(f) == set(f0)
     assert any(not (g[k] == g0[k]).all() for k in g)
+    assert any(not (f[k] == f0[k]).all() for k in f)  # the flow trained from the coordinator's weights
     assert report["steps_round"] <= report["expected_batches"] == site.plan.steps_per_round
+    assert 0 < report["flow_steps_round"] <= site.plan.steps_per_round
+    # one accountant: both mechanisms charged for the round before it ran, ε within the cap
+    acc = site.accountant
+    for mech in (CRITIC_MECHANISM, FLOW_MECHANISM):
+        assert sum(m.steps for m in acc.history if m.mechanism == mech) == site.plan.steps_per_round
     assert 0 < report["epsilon"] <= 2.0
     assert report["ledger_head"] == site.ledger.head()
     train, hold = site.frames()
