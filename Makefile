@@ -39,6 +39,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/dp_overhead.py
 	$(BIN)/python bench/utility.py
+	$(BIN)/python bench/vitals.py
 	$(BIN)/python bench/audit_speed.py
 	$(BIN)/python bench/audit_controls.py
 	$(BIN)/python bench/demo_fed.py

@@ -74,6 +74,33 @@ def main() -> None:
                     cells.append(f"{ch['value']:.3f}{ci}")
             print(f"| {name} | {case['verdict']} | " + " | ".join(cells) + " |")
         print()
+    v = load("vitals")
+    if v:
+        n_seeds = max(x["runs"] for x in v["summary"].values())
+        cols = list(v["holdout_reference"]["columns"])
+        print(f"**`bench/vitals.py`** — continuous columns of the synthetic patient, KS statistic against the training "
+              f"data (mean ± sd over {n_seeds} seeds); bmi error on the models' raw output (before generation recomputes "
+              f"bmi from weight and height): share of rows off by > 5 % and mean relative error "
+              f"({v['environment']['time_utc'][:10]}):\n")
+        print("| model @ setting | " + " | ".join(f"KS {c}" for c in cols) + " | mean KS | bmi viol. (raw) | bmi rel. error (raw) | fit s |")
+        print("|---" * (len(cols) + 5) + "|")
+
+        def order(k):
+            var, _, setting = k.partition(" @ ")
+            return (setting == "non-private", float(setting.split("=")[1]) if "=" in setting else 0, var)
+
+        for k in sorted(v["summary"], key=order):
+            s_ = v["summary"][k]
+            cells = [f"{f(s_['columns'][c]['ks']['mean'])} ± {f(s_['columns'][c]['ks']['std'])}" if s_["columns"][c]["ks"] else "n/a"
+                     for c in cols]
+            print(f"| {k} | " + " | ".join(cells) + f" | **{f(s_['mean_ks']['mean'])}** | "
+                  f"{f(s_['bmi_violation_rate_raw']['mean'])} | {f(s_['bmi_mean_rel_error_raw']['mean'], 4)} | "
+                  f"{s_['fit_seconds_mean']:.0f} |")
+        ref = v["holdout_reference"]
+        print("| holdout (reference) | " + " | ".join(f(ref["columns"][c]["ks"]) for c in cols) +
+              f" | {f(ref['mean_ks'])} | {f(ref['bmi_raw']['violation_rate'])} | {f(ref['bmi_raw']['mean_rel_error'], 4)} | — |")
+        t = v.get("targets_at_eps3") or {}
+        print("\nTargets at ε = 3: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
     fd = load("demo_fed")
     if fd:
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())

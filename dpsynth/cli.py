@@ -328,9 +328,10 @@ def cmd_budget(a) -> int:
     else:
         print(f"ε = {v['epsilon']:.4f} at δ = {v['delta']:g}   (target ε {v['target_epsilon']:g}; "
               f"recomputed {v['epsilon_recomputed']:.4f}; RDP cross-check {v['epsilon_rdp_crosscheck']:.4f})")
+    labels = {"steps": "critic steps", "noise_multiplier": "critic σ"}  # the flow's are listed per model below
     for k in ("accountant", "unit", "adjacency", "sampling", "steps", "noise_multiplier", "max_grad_norm",
               "sample_rate", "extra_delta", "preprocessing", "selection", "noise_rng"):
-        print(f"  {k:<17} {v[k]}")
+        print(f"  {labels.get(k, k):<17} {v[k]}")
     if v["models"]:
         print("  models trained on these patients (one accountant; ε 'alone' is not additive):")
         for name, m in v["models"].items():

@@ -48,6 +48,18 @@ log = logging.getLogger("dpsynth.server")
 INSECURE_BANNER = "!" * 100
 
 
+# Decision (issue 5): a site's size is public metadata, as in the standard DP-SGD analysis (Opacus, Abadi et
+# al.): the sampling rate q = 1/⌈n/batch⌉ is a parameter of the mechanism, sent in the site's plan, and the
+# FedAvg weight is the expected number of batches (local epochs × ⌈n/batch⌉). Both reveal n to within one
+# batch; neither reveals anything about any patient's record. A hospital that cannot disclose its size
+# should not join (or pad/subsample to a declared size first); this is stated in every release.
+SITE_SIZE_DISCLOSURE = (
+    "each site's number of training patients, rounded up to its expected batch size, is treated as public: it "
+    "fixes the Poisson sampling rate q in the site's plan and the FedAvg weight (expected batches per round). "
+    "The guarantee (ε, δ) protects every patient's record, not the site's size."
+)
+
+
 @dataclass
 class RunSettings:
     epsilon: float = 3.0
@@ -445,8 +457,10 @@ class Coordinator:
         for site, sp in sorted(self.spend.items()):
             if "epsilon" not in sp or "noise_multiplier" not in sp:
                 continue
+            plan = sp.get("plan", {})
             sites[site] = {"epsilon": sp["epsilon"], "delta": sp["delta"], "noise_multiplier": sp["noise_multiplier"],
-                           "sample_rate": sp["sample_rate"], "steps": sp.get("steps"), "cap": sp.get("plan", {}).get("epsilon"),
+                           "flow_noise_multiplier": plan.get("flow_noise_multiplier"), "models": plan.get("models"),
+                           "sample_rate": sp["sample_rate"], "steps": sp.get("steps"), "cap": plan.get("epsilon"),
                            "ledger_head": (audits.get(site, {}).get("spend") or {}).get("ledger_head", sp.get("ledger_head")),
                            "audited": site in audits}
         eps = [v["epsilon"] for v in sites.values()]
@@ -462,6 +476,7 @@ class Coordinator:
             "sites": sites,
             "sampling": "Poisson (Opacus DPDataLoader) at every site",
             "preprocessing": "public bounds from the agreed schema",
+            "public_metadata": SITE_SIZE_DISCLOSURE,
         }
 
     def signing_key(self) -> Path:

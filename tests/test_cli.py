@@ -32,18 +32,31 @@ def test_cli_single_site_flow(tmp_path, capsys):
     d["status"] = "reviewed"
     (tmp_path / "dp.json").write_text(json.dumps(d))
     rc = main(["train", "--data", str(small), "--schema", str(tmp_path / "dp.json"), "--epsilon", "2",
-               "--out", str(tmp_path / "m1"), "--epochs", "2", "--batch-size", "256", "--quiet"])
+               "--out", str(tmp_path / "m1"), "--epochs", "2", "--flow-epochs", "2", "--batch-size", "256", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     assert main(["budget", str(tmp_path / "m1"), "--json"]) == 0
     b = json.loads(capsys.readouterr().out)
     mechs = {m["mechanism"] for m in b["mechanisms"]}
-    assert {"gaussian-histogram:schema-inference", "dp-sgd:wgan-critic"} <= mechs
+    assert {"gaussian-histogram:schema-inference", "dp-sgd:wgan-critic", "dp-sgd:flow"} <= mechs
     assert b["epsilon"] <= 2.0 and b["unit"] == "patient"
+    assert set(b["models"]) == {"wgan", "flow"} and "PRV" in b["budget_split"]["rule"]
+
+    # a record-only model, and a malformed budget split named in the error
+    rc = main(["train", "--data", str(small), "--schema", str(data / "schema.json"), "--epsilon", "2", "--models", "wgan",
+               "--out", str(tmp_path / "w"), "--epochs", "2", "--batch-size", "256", "--quiet"])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["budget", str(tmp_path / "w"), "--json"]) == 0
+    assert "dp-sgd:flow" not in {m["mechanism"] for m in json.loads(capsys.readouterr().out)["mechanisms"]}
+    rc = main(["train", "--data", str(small), "--schema", str(data / "schema.json"), "--epsilon", "2",
+               "--budget-shares", "wgan", "--out", str(tmp_path / "bad"), "--quiet"])
+    assert rc != 0 and "--budget-shares" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
     # with the shipped schema: train, generate, evaluate
     rc = main(["train", "--data", str(small), "--schema", str(data / "schema.json"), "--epsilon", "2",
-               "--out", str(tmp_path / "m2"), "--epochs", "2", "--batch-size", "256", "--quiet"])
+               "--out", str(tmp_path / "m2"), "--epochs", "2", "--flow-epochs", "3", "--batch-size", "256", "--quiet"])
     assert rc == 0
     syn = tmp_path / "syn.csv"
     assert main(["generate", "--model", str(tmp_path / "m2"), "--n", "500", "--out", str(syn)]) == 0

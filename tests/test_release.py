@@ -13,6 +13,7 @@ import pytest
 from dpsynth.cli import main
 from dpsynth.release import load_private_key, new_keys
 from dpsynth.errors import DpsynthError
+from dpsynth.models.flow import FlowConfig
 from dpsynth.train import TrainConfig, train
 
 
@@ -22,7 +23,7 @@ def setup(tmp_path_factory, demo_dir, small_df, schema):
     d = tmp_path_factory.mktemp("rel")
     model = d / "model"
     train(small_df, schema, out=model, epsilon=2.0, delta=1e-5,
-          config=TrainConfig(epochs=1, batch_size=256, checkpoints=1), progress=False)
+          config=TrainConfig(epochs=1, batch_size=256, checkpoints=1, flow=FlowConfig(epochs=2)), progress=False)
     ho = pd.read_csv(demo_dir / "holdout.csv")
     half = len(ho) // 2
     ho.iloc[:half].to_csv(d / "holdout_audit.csv", index=False)
@@ -155,7 +156,7 @@ def test_release_refuses_missing_failed_mismatched_and_stale_audits(setup, tmp_p
     # model retrained after the audit
     newer = tmp_path / "model2"
     train(small_df, schema, out=newer, epsilon=2.0, delta=1e-5,
-          config=TrainConfig(epochs=1, batch_size=256, checkpoints=1), progress=False)
+          config=TrainConfig(epochs=1, batch_size=256, checkpoints=1, flow=FlowConfig(epochs=2)), progress=False)
     m = json.loads((newer / "manifest.json").read_text())
     m["created_utc"] = "2999-01-01T00:00:00+00:00"
     (newer / "manifest.json").write_text(json.dumps(m))

@@ -11,6 +11,7 @@ from dpsynth.preprocess import Encoder
 from dpsynth.privacy.accountant import SiteAccountant
 from dpsynth.privacy.ledger import Ledger, LedgerError
 from dpsynth.schema import Schema, infer_schema, validate_frame
+from dpsynth.models.flow import FlowConfig
 from dpsynth.train import TrainConfig, make_plan, schema_accountant
 
 
@@ -82,7 +83,7 @@ def test_dp_inference_records_its_spend_and_train_counts_it(demo_dir):
     df = validate_frame(raw, s, "train.csv")
     prior = schema_accountant(s)
     assert 0.9 < prior.epsilon(1e-6) <= 1.0 + 1e-9 and prior.extra_delta > 0  # the (ε, δ) asked for holds
-    cfg = TrainConfig(epochs=3, batch_size=512, checkpoints=1)
+    cfg = TrainConfig(epochs=3, batch_size=512, checkpoints=1, flow=FlowConfig(epochs=2))
     with_prior = make_plan(n=len(df), epsilon=2.0, delta=1e-5, config=cfg, prior=prior, non_private=False)
     without = make_plan(n=len(df), epsilon=2.0, delta=1e-5, config=cfg, prior=SiteAccountant(), non_private=False)
     assert with_prior.noise_multiplier > without.noise_multiplier

@@ -9,11 +9,12 @@ import torch
 from dpsynth.cli import budget_view
 from dpsynth.errors import ModelError, SchemaError
 from dpsynth.generate import generate
+from dpsynth.models.flow import FlowConfig
 from dpsynth.privacy.accountant import SiteAccountant
 from dpsynth.schema import Schema, validate_frame
 from dpsynth.train import CRITIC_MECHANISM, TrainConfig, load_model, train
 
-CFG = dict(epochs=3, batch_size=256, checkpoints=3)
+CFG = dict(epochs=3, batch_size=256, checkpoints=3, flow=FlowConfig(epochs=3))
 
 
 def small_cfg(**kw):
