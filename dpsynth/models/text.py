@@ -1,0 +1,635 @@
+"""DP conditional note generator: a small byte-level decoder-only transformer conditioned on the record.
+
+Sequence of one patient (fixed prefix length for a schema):
+
+    BOS  c_1 … c_K  SEP  b_1 … b_L  EOS  PAD …
+         └ condition ┘    └ note (UTF-8 bytes) ┘
+
+Tokenizer — nothing is fitted on private text (issue 7, req. 2). The vocabulary is
+  * the 256 byte values (any text is representable: no out-of-vocabulary, no learned merges),
+  * four special tokens (PAD, BOS, EOS, SEP),
+  * condition tokens built only from the schema: one token per value of each binary column, per category
+    of each categorical column, per band of each continuous column, plus a missing-value token per column.
+    Bands use fixed public clinical cut-offs (age decades, WHO BMI classes, systolic BP stages) when they lie
+    inside the schema's public bounds, otherwise equal-width bands of the public bounds — never quantiles.
+So the tokenizer costs no privacy budget and can be published with the model (``to_json``).
+
+Model — built only from nn.Embedding, nn.Linear, nn.LayerNorm and causal
+``F.scaled_dot_product_attention`` (DESIGN.md §4: nn.TransformerEncoderLayer fails under Opacus,
+DPMultiheadAttention has no causal mask, DPLSTM is 11–16× slower). Learned positional embedding, pre-LN
+blocks, *untied* input/output embeddings: Opacus ghost clipping refuses a parameter used by two layers
+("Parameter tying is not supported with Ghost Clipping"), and with a tied matrix the per-layer ghost norms
+would not add up to the per-sample gradient norm anyway.
+
+Loss and the privacy unit. ``forward`` returns one number per patient: the mean negative log-likelihood of
+that patient's note tokens (bytes + EOS). The prefix (BOS, condition, SEP) is input only, never predicted, and
+PAD positions are masked. Ghost clipping needs exactly this shape: Opacus' ``DPLossFastGradientClipping``
+multiplies the per-sample loss by the per-sample clipping coefficient (shape [B]) in its second backward, so
+the loss handed to the criterion must be [B] — one entry per patient. The ``shape=`` argument mentioned in
+DESIGN.md §4 exists for the other design, a token-level criterion (e.g. CrossEntropyLoss on flattened
+[B·T, V] logits): Opacus then reshapes the [B·T] loss to [B, T] and reduces each row to one value per
+sequence; forgetting ``shape=`` there clips per *token* (wrong privacy unit) or fails. Our criterion
+(``PerSampleLoss``) receives the [B] vector directly, so no ``shape=`` is needed and every patient's whole
+note is clipped as one example. The Linear layers see 3-D activations [B, T, d]; Opacus' ghost norm sampler
+for nn.Linear handles them by per-sample Gram matrices (‖Σ_t g_t a_tᵀ‖² = ⟨G Gᵀ, A Aᵀ⟩, [B, T, T]), and the
+Embedding norm sampler sums the gradient rows of repeated token ids within a sample before the norm — both
+give the exact per-patient norm (tested against a plain step and against the clipping bound).
+
+Cost: the Gram trick is O(B·T²·d) per Linear layer, so a step costs roughly quadratically in the longest
+note of the Poisson batch; ``text_step`` trims each batch to its longest sequence (no privacy effect: the
+computation is identical, only PAD columns are dropped).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schema import Schema, canonical_category
+from .flow import PerSampleLoss
+
+__all__ = [
+    "TOKENIZER_KIND",
+    "EncodedNotes",
+    "NoteLM",
+    "NoteTokenizer",
+    "PerSampleLoss",
+    "TextConfig",
+    "make_private_text",
+    "note_log_likelihood",
+    "sample_notes",
+    "text_epoch",
+    "text_step",
+]
+
+TOKENIZER_KIND = "byte-level UTF-8 + public schema condition tokens (no vocabulary fitted on data: no privacy cost)"
+N_BYTES = 256
+PAD, BOS, EOS, SEP = 256, 257, 258, 259
+SPECIALS = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, "<sep>": SEP}
+FIRST_COND = 260
+MISSING = "NA"
+
+# Public clinical cut-offs (left-closed bands). Used only when every edge lies strictly inside the schema's
+# public bounds for that column; otherwise the column gets equal-width bands of its public bounds.
+CLINICAL_EDGES: dict[str, list[float]] = {
+    "age": [30, 40, 50, 60, 70, 80],  # decades
+    "bmi": [18.5, 25, 30, 35, 40],  # WHO classes
+    "sbp": [120, 130, 140, 160, 180],  # normal / elevated / stage 1 / stage 2 / severe
+    "hdl": [40, 60],  # low / normal / high (mg/dL)
+}
+EQUAL_WIDTH_BANDS = 4
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+# ------------------------------------------------------------------------------------------------
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@dataclass
+class CondColumn:
+    """One condition slot: the column, its kind and its public token names (and band edges)."""
+
+    name: str
+    kind: str  # binary | categorical | continuous
+    values: list[str]  # canonical values (binary/categorical) or band labels (continuous); MISSING last
+    edges: list[float] = field(default_factory=list)  # continuous only: band edges (left-closed bands)
+
+    def index_of(self, v: Any) -> int:
+        """Position of a value in ``values`` (the missing token for NaN/None or an unknown value)."""
+        if v is None or (isinstance(v, float) and math.isnan(v)) or pd.isna(v):
+            return len(self.values) - 1
+        if self.kind == "continuous":
+            return int(np.searchsorted(np.asarray(self.edges, dtype=float), float(v), side="right"))
+        c = canonical_category(v)
+        try:
+            return self.values.index(c)
+        except ValueError:
+            return len(self.values) - 1  # unknown category: treated as missing (the schema check reports it)
+
+
+def _bands(col) -> list[float]:
+    lo, hi = float(col.lower), float(col.upper)
+    clinical = CLINICAL_EDGES.get(col.name.lower())
+    if clinical and all(lo < e < hi for e in clinical):
+        return [float(e) for e in clinical]
+    step = (hi - lo) / EQUAL_WIDTH_BANDS
+    return [lo + step * i for i in range(1, EQUAL_WIDTH_BANDS)]
+
+
+@dataclass
+class EncodedNotes:
+    """The result of ``NoteTokenizer.encode``: padded ids and what had to be done to the input."""
+
+    ids: np.ndarray  # int64 [n, max_len]: BOS cond SEP bytes EOS PAD…
+    present: np.ndarray  # bool [n]: False where the note was missing (None/NaN) — the caller drops those rows
+    truncated: int  # notes cut to fit max_len (at a UTF-8 character boundary; EOS still appended)
+    replaced: int  # invalid UTF-8 byte sequences / lone surrogates replaced by U+FFFD
+    empty: int  # empty notes (encoded as BOS cond SEP EOS)
+    missing: int  # missing notes (None / NaN)
+
+    def counts(self) -> dict:
+        return {"notes": len(self.ids), "truncated": self.truncated, "replaced_bytes": self.replaced,
+                "empty": self.empty, "missing": self.missing}
+
+
+class NoteTokenizer:
+    """Byte-level tokenizer with public condition tokens derived from the schema (see module docstring)."""
+
+    def __init__(self, columns: list[CondColumn], *, max_len: int = 320):
+        self.columns = columns
+        self.max_len = int(max_len)
+        self.offsets: list[int] = []
+        nxt = FIRST_COND
+        for c in columns:
+            self.offsets.append(nxt)
+            nxt += len(c.values)
+        self.vocab_size = nxt
+        self.prefix_len = len(columns) + 2  # BOS + one token per column + SEP
+        if self.max_len < self.prefix_len + 1:
+            raise ValueError(f"max_len {self.max_len} leaves no room for a note after the {self.prefix_len}-token prefix")
+
+    # ---- construction / persistence ---------------------------------------------------------
+    @classmethod
+    def from_schema(cls, schema: Schema, *, max_len: int = 320, columns: Iterable[str] | None = None) -> NoteTokenizer:
+        """Condition slots for the schema's modelled columns (or ``columns``), from public information only."""
+        names = list(columns) if columns is not None else [c.name for c in schema.modelled]
+        out = []
+        for name in names:
+            col = schema[name]
+            if col.kind == "binary":
+                out.append(CondColumn(name, "binary", ["0", "1", MISSING]))
+            elif col.kind == "categorical":
+                out.append(CondColumn(name, "categorical", [canonical_category(v) for v in col.categories] + [MISSING]))
+            elif col.kind == "continuous":
+                e = _bands(col)
+                labels = [f"<{_fmt(e[0])}"] + [f"{_fmt(a)}-{_fmt(b)}" for a, b in itertools.pairwise(e)] + [f">={_fmt(e[-1])}"]
+                out.append(CondColumn(name, "continuous", labels + [MISSING], e))
+            else:
+                raise ValueError(f"column {name!r} of kind {col.kind!r} cannot condition a note")
+        return cls(out, max_len=max_len)
+
+    def to_json(self) -> dict:
+        return {"version": 1, "kind": TOKENIZER_KIND, "max_len": self.max_len, "specials": SPECIALS,
+                "columns": [asdict(c) for c in self.columns]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> NoteTokenizer:
+        if not isinstance(d, dict) or d.get("version") != 1:
+            raise ValueError("not a version-1 NoteTokenizer JSON")
+        if d.get("specials", SPECIALS) != SPECIALS:
+            raise ValueError("special token ids differ from this version's")
+        cols = [CondColumn(c["name"], c["kind"], list(c["values"]), [float(x) for x in c.get("edges", [])]) for c in d["columns"]]
+        return cls(cols, max_len=int(d["max_len"]))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True)
+
+    # ---- names ------------------------------------------------------------------------------
+    def token_name(self, i: int) -> str:
+        if i < N_BYTES:
+            return bytes([i]).decode("latin-1")
+        for k, v in SPECIALS.items():
+            if v == i:
+                return k
+        for c, off in zip(self.columns, self.offsets):
+            if off <= i < off + len(c.values):
+                return f"{c.name}={c.values[i - off]}"
+        raise ValueError(f"token id {i} is outside the vocabulary ({self.vocab_size})")
+
+    def condition_token(self, column: str, value: Any) -> int:
+        for c, off in zip(self.columns, self.offsets):
+            if c.name == column:
+                return off + c.index_of(value)
+        raise KeyError(column)
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def encode_condition(self, rows: pd.DataFrame | pd.Series | dict) -> np.ndarray | list[int]:
+        """Condition token ids: [n, K] int64 for a frame, a list of K ids for one row (Series or dict).
+        Columns absent from the input are encoded as missing."""
+        if isinstance(rows, pd.DataFrame):
+            out = np.empty((len(rows), len(self.columns)), dtype=np.int64)
+            for j, (c, off) in enumerate(zip(self.columns, self.offsets)):
+                vals = rows[c.name].tolist() if c.name in rows else [None] * len(rows)
+                out[:, j] = [off + c.index_of(v) for v in vals]
+            return out
+        row = dict(rows)
+        return [off + c.index_of(row.get(c.name)) for c, off in zip(self.columns, self.offsets)]
+
+    @staticmethod
+    def _to_bytes(note: Any) -> tuple[bytes, int]:
+        """UTF-8 bytes of a note and the number of replacements made (invalid bytes, lone surrogates)."""
+        if isinstance(note, (bytes, bytearray)):
+            raw = bytes(note)
+            text = raw.decode("utf-8", errors="replace")
+            bad = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+            return text.encode("utf-8"), bad
+        text = str(note)
+        try:
+            return text.encode("utf-8"), 0
+        except UnicodeEncodeError:  # lone surrogates, e.g. bytes read with errors="surrogateescape"
+            bad = sum(1 for ch in text if 0xD800 <= ord(ch) <= 0xDFFF)
+            return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text).encode("utf-8"), bad
+
+    def encode_text(self, note: str | bytes) -> list[int]:
+        """The byte ids of a note (no specials, no truncation). Invalid UTF-8 is replaced by U+FFFD."""
+        return list(self._to_bytes(note)[0])
+
+    def encode(self, rows: pd.DataFrame, notes: Iterable[Any] | None) -> EncodedNotes:
+        """Full padded sequences for a frame of records and their notes (``notes`` None: prefixes only,
+        for generation). Notes longer than the room left after the prefix are truncated (counted, warned)."""
+        cond = self.encode_condition(rows)
+        n = len(cond)
+        ids = np.full((n, self.max_len), PAD, dtype=np.int64)
+        ids[:, 0] = BOS
+        ids[:, 1 : 1 + len(self.columns)] = cond
+        ids[:, self.prefix_len - 1] = SEP
+        room = self.max_len - self.prefix_len - 1  # EOS always fits
+        present = np.ones(n, dtype=bool)
+        truncated = replaced = empty = missing = 0
+        notes = [""] * n if notes is None else list(notes)
+        if len(notes) != n:
+            raise ValueError(f"{len(notes)} notes for {n} records")
+        for i, note in enumerate(notes):
+            if note is None or (isinstance(note, float) and math.isnan(note)):
+                present[i] = False
+                missing += 1
+                note = ""
+            b, bad = self._to_bytes(note)
+            replaced += bad
+            if not b:
+                empty += present[i]
+            if len(b) > room:
+                truncated += 1
+                cut = room
+                while cut > 0 and (b[cut] & 0xC0) == 0x80:  # do not split a UTF-8 character
+                    cut -= 1
+                b = b[:cut]
+            k = self.prefix_len
+            ids[i, k : k + len(b)] = np.frombuffer(b, dtype=np.uint8)
+            ids[i, k + len(b)] = EOS
+        if truncated:
+            warnings.warn(f"{truncated} of {n} notes were longer than {room} bytes and were truncated", stacklevel=2)
+        return EncodedNotes(ids, present, truncated, replaced, int(empty), missing)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of a sequence: the bytes after the first SEP (or all bytes if there is none) up to the first
+        EOS; special and condition tokens are skipped; invalid UTF-8 is replaced."""
+        ids = [int(i) for i in ids]
+        if SEP in ids:
+            ids = ids[ids.index(SEP) + 1 :]
+        if EOS in ids:
+            ids = ids[: ids.index(EOS)]
+        return bytes(i for i in ids if 0 <= i < N_BYTES).decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------
+
+class SeqLinear(nn.Linear):
+    """An nn.Linear (same parameters, same forward) whose Opacus ghost norm uses the cheaper exact formula.
+
+    For a sequence input a [B, T, i] and output gradient g [B, T, o], the per-sample weight gradient is
+    Σ_t g_t a_tᵀ. Opacus' ghost norm sampler for nn.Linear computes its norm as ⟨g gᵀ, a aᵀ⟩ with two
+    [B, T, T] Gram matrices: O(B·T²·(i+o)). For our notes T (≈ 250 bytes) exceeds √(i·o) (d_model 64–128), so
+    forming the per-sample gradient [B, o, i] by one batched matmul, O(B·T·i·o), is cheaper (the "mixed ghost
+    norm" of Bu et al. 2022). Both are exact; this class picks the cheaper one per call. It is registered for
+    this subclass only — Opacus' global sampler for nn.Linear is left untouched.
+    """
+
+
+def _seq_linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    from opacus.grad_sample.linear import compute_linear_norm_sample
+
+    g = backprops
+    if g.dim() == 3 and g.shape[1] ** 2 * (layer.in_features + layer.out_features) > g.shape[1] * layer.in_features * layer.out_features:
+        a = activations[0].to(g.dtype)
+        ret = {}
+        if layer.weight.requires_grad:
+            ret[layer.weight] = torch.bmm(g.transpose(1, 2), a).flatten(1).norm(dim=1)
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = g.sum(dim=1).norm(dim=1)
+        return ret
+    return compute_linear_norm_sample(layer, activations, backprops)
+
+
+def _register_seq_linear() -> None:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping as GSM
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+    from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
+
+    for registry, fn, register in ((GSM.NORM_SAMPLERS, _seq_linear_norm_sample, register_norm_sampler),
+                                   (GSM.GRAD_SAMPLERS, compute_linear_grad_sample, register_grad_sampler)):
+        have = registry.get(SeqLinear)
+        if have is not None and have is not fn:  # refuse to silently replace someone else's sampler
+            raise RuntimeError(f"an Opacus sampler for SeqLinear is already registered: {have}")
+        register(SeqLinear)(fn)
+
+
+_register_seq_linear()
+
+
+@dataclass
+class TextConfig:
+    d_model: int = 96
+    layers: int = 2
+    heads: int = 4
+    mlp: int = 4  # hidden width of the MLP = mlp × d_model
+    max_len: int = 320  # tokens incl. the condition prefix
+    lr: float = 3e-3
+    epochs: int = 5
+    batch_size: int = 256
+
+    def __post_init__(self):
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} must be a multiple of heads {self.heads}")
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: causal self-attention and an MLP, Linear/LayerNorm only."""
+
+    def __init__(self, d: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = SeqLinear(d, 3 * d)
+        self.proj = SeqLinear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = SeqLinear(d, mlp * d)
+        self.fc2 = SeqLinear(mlp * d, d)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        return tuple(t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, T, dh]
+
+    def _out(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = att.shape
+        x = x + self.proj(att.transpose(1, 2).reshape(B, T, -1))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(x)
+        return self._out(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def step(self, x: torch.Tensor, cache: list[torch.Tensor], t0: int) -> torch.Tensor:
+        """Incremental forward for positions t0 … t0+T−1 with a key/value cache (generation only)."""
+        q, k, v = self._split(x)
+        T = x.shape[1]
+        cache[0][:, :, t0 : t0 + T] = k
+        cache[1][:, :, t0 : t0 + T] = v
+        K, V = cache[0][:, :, : t0 + T], cache[1][:, :, : t0 + T]
+        if T == 1:
+            att = F.scaled_dot_product_attention(q, K, V)  # one query sees every cached position
+        else:  # prefill from t0 = 0
+            att = F.scaled_dot_product_attention(q, K, V, is_causal=True)
+        return self._out(x, att)
+
+
+class NoteLM(nn.Module):
+    """Decoder-only byte transformer. ``forward(ids)`` → per-sample mean NLL of the note tokens, shape [B]."""
+
+    def __init__(self, vocab_size: int, prefix_len: int, config: TextConfig | None = None):
+        super().__init__()
+        config = config or TextConfig()
+        self.config = config
+        self.vocab_size = int(vocab_size)
+        self.prefix_len = int(prefix_len)
+        d = config.d_model
+        self.tok = nn.Embedding(vocab_size, d)
+        self.pos = nn.Embedding(config.max_len, d)
+        self.blocks = nn.ModuleList([Block(d, config.heads, config.mlp) for _ in range(config.layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = SeqLinear(d, vocab_size)  # untied from self.tok: ghost clipping refuses shared parameters
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for b in self.blocks:  # GPT-2 style: residual projections scaled down with depth
+            nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * config.layers))
+            nn.init.normal_(b.fc2.weight, std=0.02 / math.sqrt(2 * config.layers))
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: NoteTokenizer, config: TextConfig | None = None) -> NoteLM:
+        config = config or TextConfig(max_len=tokenizer.max_len)
+        if config.max_len != tokenizer.max_len:
+            raise ValueError(f"config.max_len {config.max_len} differs from the tokenizer's {tokenizer.max_len}")
+        return cls(tokenizer.vocab_size, tokenizer.prefix_len, config)
+
+    def _embed(self, ids: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        ids = ids.contiguous()  # Opacus' embedding norm sampler views the ids flat
+        B, T = ids.shape
+        # positions are given per sample ([B, T]): Opacus' embedding norm sampler needs a batch dimension
+        pos = torch.arange(t0, t0 + T, device=ids.device).unsqueeze(0).expand(B, T).contiguous()
+        return self.tok(ids) + self.pos(pos)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self._embed(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.ln_f(x)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every position, [B, T, V]."""
+        return self.head(self.hidden(ids))
+
+    def token_nll(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the NLL of the note tokens, number of note tokens) per sequence. Note tokens are the
+        positions after SEP (bytes and EOS) that are not PAD; the prefix is conditioning input only."""
+        if ids.shape[1] <= self.prefix_len:
+            raise ValueError(f"sequences of {ids.shape[1]} tokens hold no note after the {self.prefix_len}-token prefix")
+        h = self.hidden(ids[:, :-1])
+        # only the positions that predict a note token reach the output layer (position p predicts p + 1)
+        logits = self.head(h[:, self.prefix_len - 1 :])
+        target = ids[:, self.prefix_len :]
+        mask = (target != PAD).to(logits.dtype)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        nll = nll.view(target.shape) * mask
+        return nll.sum(dim=1), mask.sum(dim=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        total, count = self.token_nll(ids)
+        return total / count.clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# DP training
+# ------------------------------------------------------------------------------------------------
+
+def _trim(ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """Drop PAD-only columns at the right of a batch (the result of the step is unchanged)."""
+    used = int((ids != PAD).sum(dim=1).max()) if ids.numel() else prefix_len + 1
+    return ids[:, : max(used, prefix_len + 1)]
+
+
+def text_step(*, model, optimizer, criterion, batch, private: bool) -> float:
+    """One (DP when ``private``) step on a Poisson batch of padded sequences (a tensor or a 1-tuple from a
+    TensorDataset loader). Returns the batch's mean per-patient NLL (nats per token)."""
+    ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+    optimizer.zero_grad(set_to_none=False)
+    if ids.shape[0] == 0:  # an empty Poisson batch still gets its noise
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        return float("nan")
+    prefix_len = (model._module if hasattr(model, "_module") else model).prefix_len
+    ids = _trim(ids, prefix_len)
+    nll = model(ids)
+    if private:
+        # ghost clipping: the criterion wraps the [B] per-patient losses; hooks mode: the plain mean
+        loss = criterion(nll, None) if criterion is not None else nll.mean()
+        with warnings.catch_warnings():  # Opacus' hooks: "full backward hook ... no inputs require grad"
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            loss.backward()
+        val = float(nll.detach().mean())
+    else:
+        loss = nll.mean()
+        loss.backward()
+        val = float(loss.detach())
+    optimizer.step()
+    return val
+
+
+def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_grad_norm: float, noise_generator,
+                      grad_sample_mode: str = "ghost"):
+    """Opacus wiring for the note model: per-patient clipping, Poisson sampling (q = 1/len(loader)).
+
+    The loader must yield 1-tuples of int64 [B, max_len] sequences (a TensorDataset of ``EncodedNotes.ids``).
+    Returns (model, optimizer, criterion, loader) in both modes: ``"ghost"`` (default, the house wiring: two
+    backward passes, per-sample norms without per-sample gradients) or ``"hooks"`` (one backward pass, per-sample
+    gradients instantiated: B × parameters floats; criterion None). Both clip each patient's whole note to
+    ``max_grad_norm`` and add the same noise; pick by measured speed (see the module docstring)."""
+    from opacus import PrivacyEngine
+
+    if grad_sample_mode not in ("ghost", "hooks"):
+        raise ValueError(f"grad_sample_mode must be 'ghost' or 'hooks', got {grad_sample_mode!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = PrivacyEngine(accountant="prv").make_private(
+            module=model, optimizer=optimizer, criterion=PerSampleLoss(), data_loader=loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode,
+            poisson_sampling=True, noise_generator=noise_generator,
+        )
+    if grad_sample_mode == "hooks":
+        m, opt, dl = out
+        return m, opt, None, dl
+    return out
+
+
+def text_epoch(*, model, optimizer, criterion, loader, private: bool, may_step=lambda: True,
+               stepped=lambda: None) -> list[float]:
+    """One pass over a Poisson loader. ``may_step`` is asked before every step (the caller's plan), ``stepped``
+    is told after it (the caller's accountant). Returns the per-step mean NLLs."""
+    losses = []
+    for batch in loader:
+        if not may_step():
+            break
+        losses.append(text_step(model=model, optimizer=optimizer, criterion=criterion, batch=batch, private=private))
+        stepped()
+    return losses
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring and sampling (post-processing: no privacy cost)
+# ------------------------------------------------------------------------------------------------
+
+def _plain(model) -> NoteLM:
+    return model._module if hasattr(model, "_module") else model
+
+
+@torch.no_grad()
+def note_log_likelihood(model, ids: np.ndarray | torch.Tensor, *, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(log-likelihood in nats, number of note tokens) per sequence: the scorer of the canary exposure audit
+    and of holdout perplexity (exp(−Σ ll / Σ n))."""
+    m = _plain(model)
+    was = m.training
+    m.eval()
+    ids = torch.as_tensor(ids)
+    ll, cnt = [], []
+    for i in range(0, len(ids), batch):
+        chunk = _trim(ids[i : i + batch], m.prefix_len)
+        s, c = m.token_nll(chunk)
+        ll.append(-s.double().numpy())
+        cnt.append(c.numpy())
+    m.train(was)
+    if not ll:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(ll), np.concatenate(cnt)
+
+
+def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, idx = probs.sort(dim=-1, descending=True)
+        keep = (sp.cumsum(dim=-1) - sp) < top_p  # the smallest set whose mass reaches top_p (first always kept)
+        sp = sp * keep
+        choice = torch.multinomial(sp / sp.sum(dim=-1, keepdim=True), 1, generator=generator)
+        return idx.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.ndarray, *, temperature: float = 1.0,
+                 top_p: float = 0.95, generator: torch.Generator | None = None, max_new: int | None = None,
+                 batch: int = 512) -> list[str]:
+    """One note per condition row (a frame of records, or [n, K] condition ids), generated token by token
+    with a key/value cache, temperature and nucleus (top-p) sampling. Only byte tokens and EOS can be
+    generated; a note that reaches ``max_new`` tokens (default: the room left in ``max_len``) stops there."""
+    m = _plain(model)
+    was = m.training
+    m.eval()
+    cond = tokenizer.encode_condition(conditions) if isinstance(conditions, pd.DataFrame) else np.asarray(conditions)
+    if cond.ndim != 2 or cond.shape[1] != len(tokenizer.columns):
+        raise ValueError(f"conditions must be [n, {len(tokenizer.columns)}] ids, got {cond.shape}")
+    room = tokenizer.max_len - tokenizer.prefix_len
+    max_new = room if max_new is None else min(int(max_new), room)
+    allowed = torch.full((m.vocab_size,), float("-inf"))
+    allowed[:N_BYTES] = 0.0
+    allowed[EOS] = 0.0
+    cfg = m.config
+    dh = cfg.d_model // cfg.heads
+    out: list[str] = []
+    for s in range(0, len(cond), batch):
+        c = torch.as_tensor(cond[s : s + batch], dtype=torch.long)
+        B = c.shape[0]
+        prefix = torch.cat([torch.full((B, 1), BOS), c, torch.full((B, 1), SEP)], dim=1)
+        caches = [[torch.zeros(B, cfg.heads, tokenizer.max_len, dh) for _ in range(2)] for _ in m.blocks]
+        x = m._embed(prefix, 0)
+        for b, cache in zip(m.blocks, caches):
+            x = b.step(x, cache, 0)
+        logits = m.head(m.ln_f(x[:, -1:]))[:, 0]
+        t = prefix.shape[1]
+        gen = torch.full((B, max_new), PAD, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        for j in range(max_new):
+            nxt = _top_p_sample(logits + allowed, temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+            gen[:, j] = nxt
+            done |= nxt == EOS
+            if bool(done.all()) or t >= tokenizer.max_len:
+                break
+            x = m._embed(nxt.unsqueeze(1), t)
+            for b, cache in zip(m.blocks, caches):
+                x = b.step(x, cache, t)
+            logits = m.head(m.ln_f(x))[:, 0]
+            t += 1
+        out += [tokenizer.decode(row) for row in gen.tolist()]
+    m.train(was)
+    return out

@@ -1,0 +1,401 @@
+"""The note generator's building blocks (issue 7): rendered demo notes, the non-leaking tokenizer, the causal
+transformer and its DP step (real Opacus), sampling, and the memorisation audits (canary exposure, n-gram
+overlap, identifier replay)."""
+
+import copy
+import math
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from audits.text import (
+    CANARY_FORMAT,
+    chance_exposure,
+    exposure,
+    insert_canaries,
+    make_canaries,
+    ngram_overlap,
+    note_identifier_replay,
+)
+from dpsynth.data.notes import NOTE_LABEL, render_notes
+from dpsynth.models.text import (
+    BOS,
+    EOS,
+    PAD,
+    SEP,
+    NoteLM,
+    NoteTokenizer,
+    TextConfig,
+    make_private_text,
+    note_log_likelihood,
+    sample_notes,
+    text_epoch,
+    text_step,
+)
+
+SMALL = TextConfig(d_model=32, heads=4, layers=2, max_len=96)
+
+
+@pytest.fixture(scope="module")
+def notes(train_df):
+    return render_notes(train_df.iloc[:3000], seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(schema):
+    return NoteTokenizer.from_schema(schema, max_len=96)
+
+
+def encoded(tok, df, notes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation warnings: the short test max_len cuts most notes
+        return tok.encode(df, notes)
+
+
+def flat(m):
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+# ------------------------------------------------------------------------------------------------
+# rendered demonstration notes
+# ------------------------------------------------------------------------------------------------
+
+def test_rendered_notes_are_deterministic_labelled_and_per_patient(train_df, notes):
+    df = train_df.iloc[:3000]
+    assert notes.attrs["label"] == NOTE_LABEL and "not real" in NOTE_LABEL
+    assert notes.index.equals(df.index) and notes.map(lambda s: isinstance(s, str) and len(s) > 0).all()
+    assert render_notes(df.iloc[:200], seed=0).equals(notes.iloc[:200])
+    # each note depends on its own row only: shuffling / dropping other patients changes nothing
+    sub = df.iloc[[57, 3, 1200, 9]]
+    assert render_notes(sub, seed=0).tolist() == notes.loc[sub.index].tolist()
+    assert render_notes(df.iloc[:200], seed=1).ne(notes.iloc[:200]).mean() > 0.9
+    # the identifier is never rendered, nor the follow-up outcome
+    one = df.iloc[:1].copy()
+    other = one.assign(id=987654, futime=1, status=1)
+    assert render_notes(one, 0).tolist() == render_notes(other, 0).tolist()
+
+
+def test_rendered_notes_vary_and_reflect_the_record(train_df, notes):
+    df = train_df.iloc[:3000]
+    markers = {"soap": r"^S: ", "referral": r"(?i)^(?:dear colleague|thanks for seeing|please see)",
+               "problems": r"(?i)problems: ", "annual": r"(?i)^annual review", "narrative": r"(?i)^(?:this is a|the patient is)",
+               "clinic": r"(?i)seen in clinic|^pt is a|here for", "telegraphic": r"^\d+[MF]\. "}
+    for name, pat in markers.items():
+        assert notes.str.contains(pat, regex=True).mean() > 0.03, name
+    for abbr in ["HTN", "DM2", "AF", "CHF", "MI", "BMI", "SBP", "HDL", "pt", "y/o", "hx", "c/o", "f/u"]:
+        assert notes.str.contains(rf"\b{re.escape(abbr)}\b", regex=True).any(), abbr
+    assert notes.nunique() > 0.9 * len(notes)  # duplicates only among sparse records (few facts to vary)
+    # conditions are written into the note (allowing for the small typo rate and all-caps/lower-case notes)
+    htn = notes[df["htn"] == 1].str.contains(r"(?i)\bhtn\b|hypertension|high blood pressure")
+    assert htn.mean() > 0.95
+    no_cond = df[["htn", "diabetes", "afib", "heart_failure"]].sum(axis=1) == 0
+    # (pertinent negatives such as "no HTN" may mention them; these words only appear as positives)
+    assert not notes[no_cond].str.contains(r"(?i)\b(?:hypertension|dm2|t2dm|atrial fibrillation|congestive)\b").any()
+    # missing values are omitted or phrased, never rendered as numbers
+    miss = df["weight"].isna()
+    assert not notes[miss].str.contains(r"(?i)(?:wt|weight) ~?\d").any()
+    assert notes[miss].str.contains(r"(?i)weight (?:not recorded|unknown)|wt not on file").any()
+    # noise: some typos / casing / spacing, and numbers rounded now and then
+    assert notes.str.contains("  ").mean() > 0.02 and (notes == notes.str.lower()).mean() > 0.02
+    assert notes.str.contains("~").mean() > 0.05
+
+
+def test_rendering_handles_missing_columns_and_values():
+    df = pd.DataFrame({"age": [np.nan, 40.0], "male": [1, np.nan]})
+    out = render_notes(df, seed=3)
+    assert len(out) == 2 and out.map(len).min() > 10 and "None" not in " ".join(out) and "nan" not in " ".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+# ------------------------------------------------------------------------------------------------
+
+def test_tokenizer_vocabulary_comes_from_the_schema_only(schema, tok):
+    n_cond = len(schema.modelled)
+    assert tok.prefix_len == n_cond + 2
+    per_col = {c.name: len(c.values) for c in tok.columns}
+    assert per_col["male"] == 3 and per_col["smoking"] == 3  # 0/1/NA, 2 categories + NA
+    assert tok.vocab_size == 260 + sum(per_col.values())
+    assert [c.edges for c in tok.columns if c.name == "age"] == [[30, 40, 50, 60, 70, 80]]
+    hdl = next(c for c in tok.columns if c.name == "futime")  # no clinical cut-off: equal-width public bands
+    assert hdl.edges == [1875.0, 3750.0, 5625.0]
+    again = NoteTokenizer.from_json(tok.to_json())
+    assert again.to_json() == tok.to_json() and again.vocab_size == tok.vocab_size
+    assert tok.token_name(tok.condition_token("age", 45)) == "age=40-50"
+    assert tok.token_name(tok.condition_token("bmi", float("nan"))) == "bmi=NA"
+    assert tok.token_name(tok.condition_token("smoking", "smoker")) == "smoking=smoker"
+    assert tok.token_name(tok.condition_token("sbp", 200)) == "sbp=>=180"
+
+
+def test_tokenizer_round_trips_and_counts_bad_input(schema, train_df, tok):
+    text = "pt 67 y/o F, BMI 24.9 — café ☕ 😀"
+    assert tok.decode(tok.encode_text(text)) == text
+    rows = train_df.iloc[:6]
+    notes = [text, "", None, b"bad \xff\xfe bytes", "lone \udcff surrogate", "x" * 500]
+    with pytest.warns(UserWarning, match="truncated"):
+        enc = tok.encode(rows, notes)
+    assert enc.ids.shape == (6, 96) and enc.ids.dtype == np.int64
+    assert (enc.ids[:, 0] == BOS).all() and (enc.ids[:, tok.prefix_len - 1] == SEP).all()
+    assert enc.truncated == 1 and enc.empty == 1 and enc.missing == 1 and enc.replaced == 3
+    assert enc.present.tolist() == [True, True, False, True, True, True]
+    assert enc.ids[1, tok.prefix_len:].tolist()[:2] == [EOS, PAD]  # empty: BOS cond SEP EOS
+    assert tok.decode(enc.ids[0]) == text
+    assert tok.decode(enc.ids[3]) == "bad \ufffd\ufffd bytes"
+    assert tok.decode(enc.ids[4]) == "lone \ufffd surrogate"
+    assert tok.decode(enc.ids[5]) == "x" * (96 - tok.prefix_len - 1) and enc.ids[5, -1] == EOS
+    # truncation never splits a UTF-8 character
+    enc2 = encoded(tok, rows.iloc[:1], ["é" * 200])
+    assert tok.decode(enc2.ids[0]) == "é" * ((96 - tok.prefix_len - 1) // 2)
+    assert list(enc.ids[0, 1 : tok.prefix_len - 1]) == tok.encode_condition(rows.iloc[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------
+
+def test_attention_is_causal(tok, train_df, notes):
+    torch.manual_seed(0)
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:4], notes.iloc[:4]).ids[:, :60])
+    k = 40
+    changed = ids.clone()
+    changed[:, k] = (changed[:, k] + 7) % 256
+    a, b = m.logits(ids), m.logits(changed)
+    torch.testing.assert_close(a[:, :k], b[:, :k], rtol=0, atol=0)
+    assert (a[:, k:] - b[:, k:]).abs().max() > 1e-4
+
+
+def test_loss_predicts_note_tokens_only(tok, train_df, notes):
+    torch.manual_seed(1)
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    enc = encoded(tok, train_df.iloc[:5], ["short", "", "a somewhat longer note here", notes.iloc[3], "é"])
+    ids = torch.from_numpy(enc.ids)
+    got = m(ids)
+    logp = torch.log_softmax(m.logits(ids), dim=-1)
+    P = tok.prefix_len
+    for i in range(5):
+        row = ids[i].tolist()
+        end = row.index(EOS)
+        want = -np.mean([logp[i, t - 1, row[t]].item() for t in range(P, end + 1)])  # bytes and EOS, not prefix/PAD
+        assert got[i].item() == pytest.approx(want, rel=1e-5)
+    # PAD columns do not matter (rows 0, 1, 2, 4 end well before column 60)
+    short = [0, 1, 2, 4]
+    torch.testing.assert_close(m(ids[short, :60]), got[short])
+    ll, n = note_log_likelihood(m, ids)
+    assert n.tolist() == [6, 1, 28, (ids[3] != PAD).sum().item() - P, 3]
+    np.testing.assert_allclose(-ll / n, got.detach().numpy(), rtol=1e-5)
+
+
+def test_config_and_model_guard_rails(tok):
+    with pytest.raises(ValueError):
+        TextConfig(d_model=30, heads=4)
+    with pytest.raises(ValueError):
+        NoteLM.for_tokenizer(tok, TextConfig(max_len=128))
+    with pytest.raises(ValueError):
+        NoteTokenizer(tok.columns, max_len=tok.prefix_len)  # no room for a note
+
+
+@pytest.mark.parametrize("T", [2, 50])  # Opacus' Gram formula (short) and the per-sample matmul (long)
+def test_sequence_linear_ghost_norm_is_the_exact_per_sample_norm(T):
+    from dpsynth.models.text import SeqLinear, _seq_linear_norm_sample
+
+    torch.manual_seed(T)
+    layer = SeqLinear(8, 6)
+    a, g = torch.randn(4, T, 8), torch.randn(4, T, 6)
+    got = _seq_linear_norm_sample(layer, [a], g)
+    want_w = torch.einsum("nto,nti->noi", g, a).flatten(1).norm(dim=1)
+    torch.testing.assert_close(got[layer.weight], want_w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[layer.bias], g.sum(1).norm(dim=1), rtol=1e-4, atol=1e-5)
+
+
+def _private(model, ids, B, *, C, lr, mode):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids[: 4 * B]), batch_size=B)
+    return make_private_text(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), loader=loader,
+                             noise_multiplier=0.0, max_grad_norm=C, noise_generator=None, grad_sample_mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_dp_text_step_with_no_noise_and_no_clipping_equals_plain_step(tok, train_df, notes, mode):
+    torch.manual_seed(3)
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:512], notes.iloc[:512]).ids)
+    B = 64
+    base = NoteLM.for_tokenizer(tok, SMALL)
+    plain = copy.deepcopy(base)
+    text_step(model=plain, optimizer=torch.optim.SGD(plain.parameters(), lr=0.05), criterion=None, batch=(ids[:B],),
+              private=False)
+    dp = copy.deepcopy(base)
+    model, opt, crit, _ = _private(dp, ids, B, C=1e6, lr=0.05, mode=mode)
+    assert opt.expected_batch_size == B
+    text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
+    assert not torch.equal(flat(plain), flat(base))
+    torch.testing.assert_close(flat(dp), flat(plain), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_dp_text_step_clips_each_patient(tok, train_df, notes, mode):
+    """σ = 0, tiny clip: the update is the sum of per-patient gradients each of norm ≤ C, over the batch size."""
+    torch.manual_seed(4)
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:512], notes.iloc[:512]).ids)
+    B, C = 64, 1e-3
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    before = flat(m).clone()
+    model, opt, crit, _ = _private(m, ids, B, C=C, lr=1.0, mode=mode)
+    text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
+    moved = (flat(m) - before).norm().item()
+    assert 0 < moved <= C * (1 + 1e-4)
+    # one patient alone, tiny clip: the update is exactly C (its gradient is far larger than C)
+    m1 = NoteLM.for_tokenizer(tok, SMALL)
+    b1 = flat(m1).clone()
+    model, opt, crit, _ = _private(m1, ids, 1, C=C, lr=1.0, mode=mode)
+    text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:1],), private=True)
+    assert (flat(m1) - b1).norm().item() == pytest.approx(C, rel=1e-3)
+
+
+def test_opacus_refuses_tied_embeddings_under_ghost_clipping(tok, train_df, notes):
+    """Why the output layer is untied: a parameter used by two layers fails ghost clipping."""
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    m.head.weight = m.tok.weight
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
+    model, opt, crit, _ = _private(m, ids, 16, C=1.0, lr=0.1, mode="ghost")
+    with pytest.raises(NotImplementedError, match="tying"):
+        text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:16],), private=True)
+
+
+def test_epoch_callbacks_empty_batches_and_real_noise(tok, train_df, notes):
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:256], notes.iloc[:256]).ids)
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=32)
+    model, opt, crit, dl = make_private_text(model=m, optimizer=torch.optim.Adam(m.parameters(), lr=1e-3), loader=loader,
+                                             noise_multiplier=1.0, max_grad_norm=1.0,
+                                             noise_generator=torch.Generator().manual_seed(0))
+    assert dl.sample_rate == pytest.approx(1 / 8)
+    steps = []
+    losses = text_epoch(model=model, optimizer=opt, criterion=crit, loader=dl, private=True,
+                        may_step=lambda: len(steps) < 5, stepped=lambda: steps.append(1))
+    assert len(losses) == len(steps) == 5 and all(math.isfinite(x) for x in losses)
+    before = flat(m).clone()
+    assert math.isnan(text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:0],), private=True))
+    assert not torch.equal(before, flat(m))  # the empty batch still got its noise
+
+
+def test_sampling_with_cache_equals_greedy_decoding_without_cache(tok, train_df):
+    torch.manual_seed(5)
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    with torch.no_grad():  # a random model that does not emit EOS at once
+        m.head.bias.normal_(0, 1.0)
+    rows = train_df.iloc[:3]
+    got = sample_notes(m, tok, rows, temperature=0.0, max_new=20)
+    cond = torch.as_tensor(tok.encode_condition(rows))
+    seq = torch.cat([torch.full((3, 1), BOS), cond, torch.full((3, 1), SEP)], dim=1)
+    allowed = torch.full((tok.vocab_size,), float("-inf"))
+    allowed[:256] = 0
+    allowed[EOS] = 0
+    with torch.no_grad():
+        for _ in range(20):
+            nxt = (m.logits(seq)[:, -1] + allowed).argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    assert got == [tok.decode(r) for r in seq.tolist()]
+    a = sample_notes(m, tok, rows, generator=torch.Generator().manual_seed(1), top_p=0.9, max_new=30)
+    b = sample_notes(m, tok, rows, generator=torch.Generator().manual_seed(1), top_p=0.9, max_new=30)
+    assert a == b and len(a) == 3 and all(len(x) <= 30 for x in a)  # ≤ 30 bytes, each at most one character
+
+
+def _sex(note: str) -> int:
+    if re.search(r"(?i)\b(male|man|gentleman)\b|\d+M\b", note):
+        return 1
+    if re.search(r"(?i)\b(female|woman|lady)\b|\d+F\b", note):
+        return 0
+    return -1
+
+
+def test_tiny_model_learns_notes_and_follows_the_condition(schema, train_df, notes):
+    """Non-private, tiny and short (< 60 s): the loss falls and the sampled sex follows the condition."""
+    tok = NoteTokenizer.from_schema(schema, max_len=88, columns=["age", "male", "htn", "diabetes"])
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:3000], notes).ids)
+    torch.manual_seed(0)
+    m = NoteLM.for_tokenizer(tok, TextConfig(d_model=48, heads=4, layers=2, max_len=88))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    holdout = ids[-200:]
+    start = float(m(holdout).mean().detach())
+    losses = [text_step(model=m, optimizer=opt, criterion=None, batch=ids[torch.randint(2800, (32,), generator=g)],
+                        private=False) for _ in range(600)]
+    end = float(m(holdout).mean().detach())
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5]) and end < 0.5 * start and end < 1.2
+    cond = pd.DataFrame({"age": [45] * 200, "male": [1] * 100 + [0] * 100, "htn": [0, 1] * 100, "diabetes": [0] * 200})
+    out = sample_notes(m, tok, cond, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    s = np.array([_sex(o) for o in out])
+    assert (s[:100] == 1).mean() - (s[100:] == 1).mean() > 0.25
+    assert (s[100:] == 0).mean() - (s[:100] == 0).mean() > 0.25
+
+
+# ------------------------------------------------------------------------------------------------
+# memorisation audits
+# ------------------------------------------------------------------------------------------------
+
+def test_canaries_are_planted_with_their_counts(notes):
+    can = make_canaries(3, counts=(1, 4), seed=0)
+    assert [c.count for c in can] == [1, 1, 1, 4, 4, 4, 0, 0, 0]
+    assert len({c.secret for c in can}) == 9 and all(re.fullmatch(r"\d{8}", c.secret) for c in can)
+    assert all(c.text == CANARY_FORMAT.format(secret=c.secret) for c in can)
+    out = insert_canaries(notes, can, seed=1)
+    for c in can:
+        assert len(c.hosts) == c.count and (out == c.text).sum() == c.count
+    assert (out != notes).sum() == 15 and out.index.equals(notes.index)
+    with pytest.raises(ValueError):
+        insert_canaries(notes.iloc[:10], can)
+
+
+def test_exposure_of_a_memorising_scorer_is_high_and_of_an_unrelated_one_is_chance():
+    can = make_canaries(20, counts=(1, 16), seed=2)
+    memorised = {c.secret for c in can if c.count == 16}
+
+    def memorising(texts, canary):  # assigns its training canaries a far higher likelihood
+        return np.array([10.0 if any(s in t for s in memorised) else -float(sum(map(ord, t)) % 97) / 97 for t in texts])
+
+    rng = np.random.default_rng(0)
+
+    def unrelated(texts, canary):
+        return rng.normal(size=len(texts))
+
+    n = 500
+    hi = exposure(memorising, can, n_candidates=n, seed=3)
+    assert hi["per_count"]["16"]["value"] == pytest.approx(math.log2(n + 1), abs=1e-9)
+    assert hi["per_count"]["16"]["extrapolated"] > 20
+    assert hi["per_count"]["1"]["value"] < 3 and hi["per_count"]["0"]["value"] < 3
+    lo = exposure(unrelated, can, n_candidates=n, seed=3)
+    chance = chance_exposure(n)
+    assert chance == pytest.approx(1 / math.log(2), abs=0.02)  # → 1/ln 2 as n grows
+    for k in ("0", "1", "16"):
+        e = lo["per_count"][k]
+        assert e["baseline"] == pytest.approx(chance) and e["ci_low"] <= chance + 0.3 and abs(e["value"] - chance) < 0.8
+    assert lo["per_count"]["16"]["control"] == pytest.approx(lo["per_count"]["0"]["value"])
+
+
+def test_ngram_overlap_flags_copies_and_not_fresh_notes(train_df):
+    df = train_df.iloc[:3000]
+    all_notes = render_notes(df, seed=7).tolist()
+    train, holdout, fresh = all_notes[:1000], all_notes[1000:2000], all_notes[2000:3000]
+    copied = ngram_overlap(train, train, holdout)
+    assert copied["excess"]["value"] > 0.5 and copied["excess"]["ci_low"] > 0.4
+    assert copied["train_only"]["value"] > 0.5 and copied["train_only"]["baseline"] < 0.2
+    ok = ngram_overlap(fresh, train, holdout)
+    assert abs(ok["excess"]["value"]) < 0.05 and ok["excess"]["ci_low"] < 0.02
+    assert ok["unit"] == "whitespace word" and ok["n"] == 8
+
+
+def test_identifier_replay_in_notes():
+    def name(i):
+        return f"{chr(97 + i % 26)}{chr(97 + i // 26)}"
+
+    train = [f"Mr Fake{name(i)} MRN 9{i:07d} seen" for i in range(50)] + ["plain note"] * 50
+    holdout = [f"Mrs Other{name(i)} MRN 7{i:07d} seen" for i in range(50)]
+    leaky = ["copied: " + t for t in train[:5]] + ["nothing here"]
+    r = note_identifier_replay(leaky, train, holdout)
+    assert r["replayed_values"] == 10 and r["control"] == 0 and r["identifiers_in_train_notes"] == 100
+    clean = note_identifier_replay(["BMI 31, HDL 52, wt 88kg"], train, holdout)
+    assert clean["replayed_values"] == 0
