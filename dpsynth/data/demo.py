@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from ..schema import Schema
+from ..schema import Column, Schema
 from .io import write_table
+from .notes import NOTE_LABEL, render_notes
 
 EVENTS = {
     "nafld": "nafld",
@@ -38,6 +39,8 @@ COLUMNS = [
 ]
 BASELINE_WINDOW_DAYS = 365
 SPLIT_SEED = 20221  # the demo split is public and fixed so every run sees the same sites
+NOTE_SEED = 7  # the rendered demo notes are public and fixed too (render_notes is seeded per row)
+NOTE_COLUMN = "note"
 
 
 def demo_schema() -> Schema:
@@ -46,6 +49,24 @@ def demo_schema() -> Schema:
         import json
 
         return Schema.from_json(json.load(f), where="dpsynth/data/nafld_schema.json")
+
+
+def demo_schema_with_notes() -> Schema:
+    """The demo schema plus the rendered note column (kind ``text``, labelled with NOTE_LABEL)."""
+    d = demo_schema().to_json()
+    d["columns"].append(Column(
+        NOTE_COLUMN, "text", nullable=True,
+        description=f"{NOTE_LABEL}: rendered from the patient's own record by dpsynth.data.notes (seed {NOTE_SEED})",
+    ).to_json())
+    return Schema.from_json(d, where="demo schema with notes")
+
+
+def add_demo_notes(df: pd.DataFrame, seed: int = NOTE_SEED) -> pd.DataFrame:
+    """``df`` with a ``note`` column of rendered demonstration notes (each a function of its own row and the
+    seed only; the identifier and the follow-up outcome are never rendered)."""
+    out = df.copy()
+    out[NOTE_COLUMN] = render_notes(df, seed)
+    return out
 
 
 def load_nafld() -> pd.DataFrame:
@@ -98,10 +119,16 @@ def split_sites(train: pd.DataFrame, n_sites: int = 3, alpha: float = 0.6, seed:
     return [train.iloc[np.flatnonzero(site == s)].reset_index(drop=True) for s in range(n_sites)]
 
 
-def write_demo(out: str | Path, *, holdout_fraction: float = 0.3, n_sites: int = 3) -> dict:
-    """Write train.csv, holdout.csv, site_{a,b,c}.csv and schema.json into ``out``; return a summary."""
+def write_demo(out: str | Path, *, holdout_fraction: float = 0.3, n_sites: int = 3, notes: bool = False) -> dict:
+    """Write train.csv, holdout.csv, site_{a,b,c}.csv and schema.json into ``out``; return a summary.
+
+    ``notes``: add a ``note`` column of rendered demonstration notes (``NOTE_LABEL``: not real clinical text) to
+    every file and a ``text`` column to the schema. The split and every other column are the same as without
+    it (the default output is unchanged byte for byte)."""
     out = Path(out)
     df = load_nafld()
+    if notes:
+        df = add_demo_notes(df)
     rng = np.random.default_rng(SPLIT_SEED)
     perm = rng.permutation(len(df))
     n_hold = int(round(holdout_fraction * len(df)))
@@ -114,7 +141,7 @@ def write_demo(out: str | Path, *, holdout_fraction: float = 0.3, n_sites: int =
     names = [chr(ord("a") + i) for i in range(n_sites)]
     for name, s in zip(names, sites):
         write_table(s, out / f"site_{name}.csv")
-    demo_schema().save(out / "schema.json")
+    (demo_schema_with_notes() if notes else demo_schema()).save(out / "schema.json")
     return {
         "patients": len(df),
         "train": len(train),
@@ -122,4 +149,5 @@ def write_demo(out: str | Path, *, holdout_fraction: float = 0.3, n_sites: int =
         "sites": {n: len(s) for n, s in zip(names, sites)},
         "site_mean_age": {n: round(float(s["age"].mean()), 1) for n, s in zip(names, sites)},
         "out": str(out),
+        **({"notes": NOTE_LABEL} if notes else {}),
     }
