@@ -14,12 +14,20 @@ from . import __version__
 from .errors import DpsynthError
 
 log = logging.getLogger("dpsynth")
+TEXT_EPOCHS = 5  # models.text.TextConfig().epochs (kept here so `dpsynth --help` does not import torch)
 
 
 def _positive_int(v: str) -> int:
     i = int(v)
     if i <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return i
+
+
+def _nonneg_int(v: str) -> int:
+    i = int(v)
+    if i < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
     return i
 
 
@@ -35,9 +43,11 @@ def _float(v: str) -> float:
 def cmd_demo_data(a) -> int:
     from .data.demo import write_demo
 
-    s = write_demo(a.out)
+    s = write_demo(a.out, notes=a.notes)
     print(f"NAFLD demo cohort: {s['patients']} patients → train {s['train']}, holdout {s['holdout']}, "
           f"sites {s['sites']} (mean age {s['site_mean_age']})")
+    if a.notes:
+        print(f"column 'note': {s['notes']} — one per patient, rendered from its own record")
     print(f"wrote {a.out}/train.csv holdout.csv site_*.csv schema.json")
     return 0
 
@@ -91,13 +101,18 @@ def cmd_train(a) -> int:
     schema.require_reviewed(a.schema)
     df = _load_validated(a.data, schema)
     from .models.flow import FlowConfig
+    from .models.text import TextConfig
+    from .train import text_column
 
     models = tuple(m.strip() for m in a.models.split(",") if m.strip())
     shares = _shares(a.budget_shares)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, max_grad_norm=a.max_grad_norm,
                       checkpoints=a.checkpoints, select=not a.no_select, profile=a.profile, models=models,
                       budget_shares={**TrainConfig().budget_shares, **shares},
-                      flow=FlowConfig(epochs=a.flow_epochs))
+                      flow=FlowConfig(epochs=a.flow_epochs), text=TextConfig(epochs=a.text_epochs),
+                      canaries=a.canaries)
+    if "text" in cfg.models and not a.resume:
+        text_column(schema)  # exactly one text column, or a clear error before reading anything else
     res = train(df, schema, out=a.out, epsilon=a.epsilon, delta=a.delta, config=cfg, non_private=a.non_private,
                 resume=a.resume, overwrite=a.overwrite, data_path=str(Path(a.data).resolve()),
                 data_sha256=sha256_file(a.data), seed=a.seed, progress=not a.quiet)
@@ -113,6 +128,12 @@ def cmd_train(a) -> int:
     clipped = res.manifest["data"]["clipped_values"]
     if clipped:
         print(f"values outside the schema bounds were clipped: {clipped}")
+    notes = res.manifest["data"].get("notes")
+    if notes:
+        print(f"notes ({notes['column']!r}): {notes['trained_on']} used, {notes['missing']} missing (dropped), "
+              f"{notes['empty']} empty, {notes['truncated']} truncated, {notes['replaced_bytes']} invalid bytes replaced"
+              + (f"; {notes['canary_notes_planted']} canary notes planted (secrets in {a.out}/canaries.json only)"
+                 if notes.get("canary_notes_planted") else ""))
     return 0
 
 
@@ -149,6 +170,8 @@ def cmd_generate(a) -> int:
     if not prov["differentially_private"]:
         print(f"WARNING: {out} is NOT DIFFERENTIALLY PRIVATE (model trained with --non-private)", file=sys.stderr)
     print(f"wrote {len(df)} synthetic patients to {out} (provenance: {out}.provenance.json)")
+    if prov.get("notes"):
+        print(f"notes: {prov['notes']['label']} (trained on: {prov['notes']['trained_on']})")
     return 0
 
 
@@ -231,7 +254,8 @@ def cmd_audit(a) -> int:
     hold = validate_frame(read_table(a.holdout), schema, a.holdout)
     syn = validate_frame(read_table(a.synthetic), schema, a.synthetic)
     dp, model_sha, dp_source = _dp_facts(a.model, a.synthetic)
-    res = run_audit(real, hold, syn, schema, policy=policy, dp=dp, progress=lambda m: print(m, file=sys.stderr))
+    res = run_audit(real, hold, syn, schema, policy=policy, dp=dp, progress=lambda m: print(m, file=sys.stderr),
+                    model_dir=a.model)
     util = evaluate(real, hold, syn, schema)["headline"]
     res.update({
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -310,6 +334,7 @@ def budget_view(model_dir: str) -> dict:
         "mechanisms": p["mechanisms"],
         "models": p.get("models", {}),
         "budget_split": p.get("budget_split"),
+        "tokenizer": p.get("tokenizer"),
     }
     # recompute from the saved accountant state: the number printed is the number the state gives
     if p["differentially_private"]:
@@ -340,6 +365,8 @@ def cmd_budget(a) -> int:
             print(f"    - {name:<5} {m['mechanism']:<22} σ={sigma:<8} steps={m['steps']:<6} share={m['share']:g}{alone}")
     if v["budget_split"]:
         print(f"  budget split      {v['budget_split']['rule']}")
+    if v["tokenizer"]:
+        print(f"  tokenizer         {v['tokenizer']}")
     print("  mechanisms (compose all to recompute ε with any accountant):")
     for m in v["mechanisms"]:
         print(f"    - {m['mechanism']:<42} σ={m['noise_multiplier']:<10.5g} q={m['sample_rate']:<10.5g} steps={m['steps']}")
@@ -415,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo-data", help="write the embedded NAFLD cohort: train/holdout, 3 sites, schema.json")
     s.add_argument("--out", required=True)
+    s.add_argument("--notes", action="store_true",
+                   help="add a 'note' column of rendered demonstration notes (not real clinical text)")
     s.set_defaults(func=cmd_demo_data)
 
     sch = sub.add_parser("schema", help="schema tools").add_subparsers(dest="schema_cmd", required=True)
@@ -439,9 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-select", action="store_true", help="keep the last checkpoint (no selection spend)")
     s.add_argument("--profile", choices=["A", "B"], default="A", help="selection weight profile (see docs)")
     s.add_argument("--models", default="wgan,flow",
-                   help="models to train: wgan (the record) and flow (continuous columns given the record); "
+                   help="models to train: wgan (the record), flow (continuous columns given the record) and text "
+                        "(a note given record + vitals; needs one schema column of kind 'text'); "
                         "default wgan,flow = the chained patient")
     s.add_argument("--flow-epochs", type=_positive_int, default=60, help="epochs of the vitals flow")
+    s.add_argument("--text-epochs", type=_positive_int, default=TEXT_EPOCHS, help="epochs of the note model")
+    s.add_argument("--canaries", type=_nonneg_int, default=0,
+                   help="plant N secret-sharer canaries per repetition count (1, 4, 16) in the training notes for "
+                        "the memorisation audit (kept in the model directory only)")
     s.add_argument("--budget-shares", default="",
                    help="how ε is split between the models, e.g. wgan=3,flow=1 (default wgan=1,flow=1); see `dpsynth budget`")
     s.add_argument("--non-private", action="store_true", help="no clipping, no noise: comparison only")

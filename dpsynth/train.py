@@ -4,11 +4,22 @@ Budget flow (all composed by one SiteAccountant, PRV):
   schema inference spend (if the schema was estimated with DP)  ─┐
   DP checkpoint selection (Gaussian noisy marginals, q = 1)       │
   DP-SGD steps of the WGAN critic                                 ├─► total ≤ --epsilon at --delta
-  DP-SGD steps of the vitals flow (models.flow)                  ─┘
+  DP-SGD steps of the vitals flow (models.flow)                   │
+  DP-SGD steps of the note generator (models.text; opt-in)       ─┘
 Noise is calibrated before the first step for the planned epochs of every model, splitting the budget between
 the models by ``TrainConfig.budget_shares`` (rule: privacy.accountant.split_sigmas); the loops stop before
 any step beyond the plan, and the final ε is recomputed and checked against the target before anything is
-written. The flow trains first, then the WGAN; an interrupted run resumes in either phase.
+written. The flow trains first, then the note model, then the WGAN; an interrupted run resumes in any phase.
+
+The note model (``models=(..., "text")``) needs a schema with exactly one column of kind ``text``. Patients
+whose note is missing are dropped from the text model's dataset only: its Poisson sampling rate is
+q = 1/ceil(n_notes/text.batch_size) over the n_notes patients that have a note (so n and q differ from the
+other models'; n_notes, like the site size, is treated as public metadata and written in the manifest).
+Adding or removing one patient still changes at most one example of every dataset, so the add/remove-one-
+patient guarantee composes as before. Empty notes are kept (the model learns "no text"), over-long notes are
+truncated and non-UTF-8 bytes replaced by the tokenizer; all are counted in the manifest (``data.notes``).
+Optional secret-sharer canaries (``TrainConfig.canaries``) are planted in the training notes for the
+memorisation audit; the planted secrets are kept only in the model directory (``canaries.json``).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from . import __version__
 from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
 from .models.flow import (ConditionalFlow, FlowConfig, VitalsCodec, flow_epoch, make_private_flow)
+from .models.text import TOKENIZER_KIND, NoteLM, NoteTokenizer, TextConfig, make_private_text, text_epoch
 from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise, calibrate_split
@@ -42,7 +54,12 @@ from .schema import Schema
 MODEL_FORMAT = "dpsynth-model/1"
 CRITIC_MECHANISM = "dp-sgd:wgan-critic"
 FLOW_MECHANISM = "dp-sgd:flow"
-MODELS = ("wgan", "flow")
+TEXT_MECHANISM = "dp-sgd:text"
+MODELS = ("wgan", "flow", "text")
+DEFAULT_MODELS = ("wgan", "flow")  # the note model is opt-in for now (issue 7)
+CANARY_COUNTS = (1, 4, 16)  # repetition counts of the planted canaries (audits.text.COUNTS)
+CANARY_WARNING = ("planted secret-sharer canaries: keep inside the model directory for the memorisation audit; "
+                  "never release this file")
 BUDGET_SPLIT_RULE = (
     "ε is shared by the models' DP-SGD mechanisms in proportion to budget_shares, measured as shares of the "
     "Gaussian-DP privacy loss μ² = q²·T·(e^{1/σ²} − 1) of each (CLT approximation, Bu et al. 2020); one scale "
@@ -54,6 +71,11 @@ PRIVACY_STATEMENT = (
     "build the schema, DP checkpoint selection, every DP-SGD step of the WGAN critic and every DP-SGD step of "
     "the vitals flow (Poisson sampling, per-sample clipping by ghost clipping, Gaussian noise). The WGAN "
     "generator never reads real records (post-processing). Preprocessing uses the schema's public bounds only."
+)
+TEXT_STATEMENT = (
+    " The note generator is trained with DP-SGD charged to the same accountant (one example per patient with a "
+    "note: the whole note is clipped as one example; patients without a note are not in its dataset). Its "
+    "tokenizer is byte-level with condition tokens built from the schema only: nothing is fitted on the notes."
 )
 NOT_PRIVATE = "NOT DIFFERENTIALLY PRIVATE: trained with --non-private, for comparison only. Do not release."
 
@@ -68,20 +90,29 @@ class TrainConfig:
     selection_share: float = 0.05  # fraction of ε given to selection when select is on
     profile: str = "A"
     # the chained patient: the WGAN generates the record, the flow its continuous columns given the record
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = DEFAULT_MODELS
     # how ε is split between the models' DP-SGD runs (BUDGET_SPLIT_RULE); only the models trained count.
     # Equal shares: at ε = 3 on NAFLD, 1:1 gave height/weight KS ≈ 0.06/0.035 vs ≈ 0.07/0.09 with 3:1
     # (bench/vitals.py, 2 seeds each); the WGAN's record is scored in bench/utility.py with the same default.
-    budget_shares: dict = field(default_factory=lambda: {"wgan": 1.0, "flow": 1.0})
+    # the note model's share: 1.0 (equal) until bench/notes measures a better split
+    budget_shares: dict = field(default_factory=lambda: {"wgan": 1.0, "flow": 1.0, "text": 1.0})
     wgan: WGANConfig = field(default_factory=WGANConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # secret-sharer canaries for the memorisation audit: this many per repetition count (CANARY_COUNTS), plus as
+    # many never-planted controls; 0 = none. Only with the text model.
+    canaries: int = 0
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
         unknown = [m for m in self.models if m not in MODELS]
         if unknown or "wgan" not in self.models or len(set(self.models)) != len(self.models):
-            raise ModelError(f"--models must list wgan and optionally flow (known: {', '.join(MODELS)}), got "
+            raise ModelError(f"--models must list wgan and optionally flow and text (known: {', '.join(MODELS)}), got "
                              f"{','.join(self.models)}")
+        if not isinstance(self.canaries, int) or isinstance(self.canaries, bool) or self.canaries < 0:
+            raise ModelError(f"--canaries must be a non-negative integer, got {self.canaries!r}")
+        if self.canaries and "text" not in self.models:
+            raise ModelError("--canaries plants secrets in the training notes: it needs the text model (--models ...,text)")
         extra = sorted(set(self.budget_shares) - set(MODELS))
         if extra:
             raise PrivacyParameterError(f"budget shares name unknown models {extra} (known: {', '.join(MODELS)})")
@@ -103,8 +134,9 @@ class TrainConfig:
         if "betas" in w:
             w["betas"] = tuple(w["betas"])
         f = dict(d.pop("flow", {}))
+        t = dict(d.pop("text", {}))  # model directories written before the note model existed: defaults
         d.setdefault("models", ["wgan"])  # model directories written before the flow existed
-        return cls(**d, wgan=WGANConfig(**w), flow=FlowConfig(**f))
+        return cls(**d, wgan=WGANConfig(**w), flow=FlowConfig(**f), text=TextConfig(**t))
 
 
 @dataclass
@@ -117,7 +149,22 @@ class Plan:
     selection_noise: float | None
     flow_steps: int = 0  # planned DP-SGD steps of the flow (0: no flow)
     flow_noise: float | None = None
+    text_n: int = 0  # patients with a note (the text model's dataset)
+    text_sample_rate: float | None = None  # its own Poisson rate: 1/ceil(text_n / text.batch_size)
+    text_steps_per_epoch: int = 0
+    text_steps: int = 0  # planned DP-SGD steps of the note model (0: no note model)
+    text_noise: float | None = None
 
+
+def text_column(schema: Schema) -> str:
+    """The schema's one ``text`` column (the note model needs exactly one)."""
+    cols = [c.name for c in schema.of_kind("text")]
+    if len(cols) != 1:
+        have = f"it has {len(cols)}: {cols}" if cols else "it has none"
+        raise ModelError(f"the text model needs exactly one column of kind 'text' in the schema ({have}); "
+                         "declare the note column in the schema, e.g. {\"name\": \"note\", \"kind\": \"text\", "
+                         "\"nullable\": true}, or train without text in --models")
+    return cols[0]
 
 def default_delta(n: int) -> float:
     """δ ≤ 1/(10·n) (DESIGN.md §3), rounded down to one significant digit."""
@@ -155,7 +202,8 @@ def schema_accountant(schema: Schema) -> SiteAccountant:
 
 
 def make_plan(
-    *, n: int, epsilon: float | None, delta: float, config: TrainConfig, prior: SiteAccountant, non_private: bool
+    *, n: int, epsilon: float | None, delta: float, config: TrainConfig, prior: SiteAccountant, non_private: bool,
+    text_n: int = 0,
 ) -> Plan:
     if n < config.batch_size:
         raise DataError(
@@ -170,8 +218,21 @@ def make_plan(
     flow_steps = steps_per_epoch * config.flow.epochs if "flow" in config.models else 0
     if "flow" in config.models and config.flow.epochs < 1:
         raise PrivacyParameterError(f"--flow-epochs must be ≥ 1, got {config.flow.epochs}")
+    tq, t_spe, text_steps = None, 0, 0
+    if "text" in config.models:
+        if config.text.epochs < 1:
+            raise PrivacyParameterError(f"--text-epochs must be ≥ 1, got {config.text.epochs}")
+        if text_n < config.text.batch_size:
+            raise DataError(
+                f"only {text_n} patients have a note, fewer than one expected text batch ({config.text.batch_size}); "
+                "DP-SGD needs many batches — use a smaller text batch size or more notes"
+            )
+        t_spe = math.ceil(text_n / config.text.batch_size)
+        tq = 1.0 / t_spe  # Opacus' Poisson rate for this loader (≈ batch / n_notes)
+        text_steps = t_spe * config.text.epochs
+    text_fields = dict(text_n=text_n, text_sample_rate=tq, text_steps_per_epoch=t_spe, text_steps=text_steps)
     if non_private:
-        return Plan(n, q, steps_per_epoch, planned, None, None, flow_steps, None)
+        return Plan(n, q, steps_per_epoch, planned, None, None, flow_steps, None, **text_fields)
     acc = prior.copy()
     sel_sigma = None
     if config.select and config.checkpoints > 1:
@@ -185,8 +246,12 @@ def make_plan(
     parts = [(CRITIC_MECHANISM, q, planned, config.budget_shares["wgan"])]
     if flow_steps:
         parts.append((FLOW_MECHANISM, q, flow_steps, config.budget_shares["flow"]))
+    if text_steps:
+        parts.append((TEXT_MECHANISM, tq, text_steps, config.budget_shares["text"]))
     sigmas = calibrate_split(target_epsilon=epsilon, delta=delta, parts=parts, prior=acc)
-    return Plan(n, q, steps_per_epoch, planned, sigmas[0], sel_sigma, flow_steps, sigmas[1] if flow_steps else None)
+    by_name = {name: s for (name, *_), s in zip(parts, sigmas)}
+    return Plan(n, q, steps_per_epoch, planned, sigmas[0], sel_sigma, flow_steps, by_name.get(FLOW_MECHANISM),
+                **text_fields, text_noise=by_name.get(TEXT_MECHANISM))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +342,7 @@ def train(
     progress: bool = True,
     epoch_callback: Callable[[int, SiteAccountant], None] | None = None,
     flow_epoch_callback: Callable[[int, SiteAccountant], None] | None = None,
+    text_epoch_callback: Callable[[int, SiteAccountant], None] | None = None,
 ) -> TrainResult:
     """Train on a frame already validated against ``schema``; write the model directory ``out``.
 
@@ -314,8 +380,17 @@ def train(
     if delta is None:
         delta = default_delta(n)
     check_privacy_args(epsilon, delta, n, non_private)
+    note_col, raw_notes = None, None
+    if "text" in config.models:
+        note_col = text_column(schema)
+        if note_col not in df.columns:
+            raise DataError(f"the schema's text column {note_col!r} is not in the data: the text model needs the notes "
+                            f"(add the column, or train without text in --models)")
+        raw_notes = [None if _missing(v) else v for v in df[note_col].tolist()]
+    text_n = sum(v is not None for v in raw_notes) if raw_notes is not None else 0
     prior = schema_accountant(schema)
-    plan = make_plan(n=n, epsilon=epsilon, delta=delta, config=config, prior=prior, non_private=non_private)
+    plan = make_plan(n=n, epsilon=epsilon, delta=delta, config=config, prior=prior, non_private=non_private,
+                     text_n=text_n)
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -356,12 +431,14 @@ def train(
             raise ModelError(f"{out}: recalibrated noise differs from the interrupted run's; cannot resume safely")
         if plan.flow_noise is not None and abs(st.get("flow_noise", -1.0) - plan.flow_noise) > 1e-9:
             raise ModelError(f"{out}: recalibrated flow noise differs from the interrupted run's; cannot resume safely")
+        if plan.text_noise is not None and abs(st.get("text_noise", -1.0) - plan.text_noise) > 1e-9:
+            raise ModelError(f"{out}: recalibrated text noise differs from the interrupted run's; cannot resume safely")
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "snapshots").mkdir(exist_ok=True)
     t0 = time.time()
     prev_seconds = st["seconds"] if st else 0.0
-    bar = _Progress(plan.planned_steps + plan.flow_steps, progress)
+    bar = _Progress(plan.planned_steps + plan.flow_steps + plan.text_steps, progress)
 
     # ---- phase 1: the vitals flow (DP-SGD, its own mechanism in the same accountant) ---------------
     flow = flow_opt = None
@@ -424,7 +501,89 @@ def train(
                 raise
             flow_opt = f_opt
 
-    # ---- phase 2: the WGAN -------------------------------------------------------------------------
+    # ---- phase 2: the note model (DP-SGD over the patients with a note, same accountant) ------------
+    text = text_opt = tok = None
+    text_losses: list[float] = []
+    text_done = 0
+    note_counts = canary_doc = None
+    if plan.text_steps:
+        tok = NoteTokenizer.from_schema(schema, max_len=config.text.max_len)
+        text = NoteLM.for_tokenizer(tok, config.text)
+        text_opt = torch.optim.Adam(text.parameters(), lr=config.text.lr)
+        if config.canaries:
+            canary_doc = _canaries(work, config.canaries, raw_notes, seed=seed, resume=st is not None)
+        if st is not None and st.get("text_epochs_done", 0) > 0:
+            text_done = st["text_epochs_done"]
+            load_weights(text, work / "text.safetensors")
+            _unflatten_optimizer(text_opt, load_file(str(work / "text_optimizer.safetensors")), st["text_opt"], "t")
+            text_losses = st.get("text_losses", [])
+        notes_used = list(raw_notes)
+        for c in (canary_doc or {}).get("canaries", []):
+            for h in c["hosts"]:
+                notes_used[h] = c["text"]
+        rows = df.reset_index(drop=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            counted = tok.encode(rows, raw_notes)  # the data as given (before any canary is planted)
+            enc = tok.encode(rows, notes_used) if canary_doc else counted
+        note_counts = {"column": note_col, "label": schema[note_col].description or None, **counted.counts(),
+                       "trained_on": int(enc.present.sum()),
+                       "handling": "missing notes dropped from the text dataset; empty notes kept; notes longer "
+                                   f"than max_len {tok.max_len} tokens truncated at a character boundary; invalid "
+                                   "UTF-8 replaced by U+FFFD"}
+        if canary_doc:
+            note_counts["canary_notes_planted"] = sum(len(c["hosts"]) for c in canary_doc["canaries"])
+        if counted.truncated:
+            warnings.warn(f"{counted.truncated} of {len(rows)} notes in {note_col!r} were longer than the text model's "
+                          f"{tok.max_len}-token window and were truncated (counted in the manifest)", stacklevel=2)
+        del caught
+        bar.update(text_done * plan.text_steps_per_epoch)
+        if text_done < config.text.epochs:
+            tds = torch.utils.data.TensorDataset(torch.from_numpy(enc.ids[enc.present]))
+            tloader = torch.utils.data.DataLoader(tds, batch_size=config.text.batch_size, generator=sample_gen)
+            if non_private:
+                from opacus.data_loader import DPDataLoader
+
+                train_text, t_opt, t_crit = text, text_opt, None
+                t_loader = DPDataLoader.from_data_loader(tloader, generator=sample_gen)
+            else:
+                train_text, t_opt, t_crit, t_loader = make_private_text(
+                    model=text, optimizer=text_opt, loader=tloader, noise_multiplier=plan.text_noise,
+                    max_grad_norm=config.max_grad_norm, noise_generator=noise_gen)
+            if abs(t_loader.sample_rate - plan.text_sample_rate) > 1e-12:
+                raise RuntimeError(f"text sampling rate mismatch: {t_loader.sample_rate} vs plan {plan.text_sample_rate}")
+
+            def text_may_step() -> bool:  # never take a step the calibration did not plan for
+                return non_private or sum(m.steps for m in accountant.history if m.mechanism == TEXT_MECHANISM) < plan.text_steps
+
+            def text_stepped() -> None:
+                if not non_private:
+                    accountant.step(TEXT_MECHANISM, noise_multiplier=plan.text_noise, sample_rate=plan.text_sample_rate)
+                bar.update(1)
+
+            try:
+                for te in range(text_done, config.text.epochs):
+                    ls = text_epoch(model=train_text, optimizer=t_opt, criterion=t_crit, loader=t_loader,
+                                    private=not non_private, may_step=text_may_step, stepped=text_stepped)
+                    text_losses.append(float(np.nanmean(ls)) if ls and not np.isnan(ls).all() else float("nan"))
+                    bar.update(0, text_epoch=f"{te + 1}/{config.text.epochs}", nll=f"{text_losses[-1]:.3f}")
+                    text_done = te + 1
+                    _save_resume_state(
+                        work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
+                        g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
+                        epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
+                        data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
+                        flow=flow, flow_opt=flow_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
+                        text=text, text_opt=t_opt, text_epochs_done=text_done, text_losses=text_losses,
+                    )
+                    if text_epoch_callback is not None:
+                        text_epoch_callback(text_done, accountant)
+            except BaseException:
+                bar.close()
+                raise
+            text_opt = t_opt
+
+    # ---- phase 3: the WGAN -------------------------------------------------------------------------
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x_np))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, generator=sample_gen)
     if non_private:
@@ -479,6 +638,7 @@ def train(
                 epochs_done=epoch + 1, config=config, epsilon=epsilon, delta=delta, non_private=non_private,
                 schema=schema, data_sha256=data_sha256, plan=plan, snapshots=snapshots, losses=losses,
                 flow=flow, flow_opt=flow_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
+                text=text, text_opt=text_opt, text_epochs_done=text_done, text_losses=text_losses,
             )
             if epoch_callback is not None:
                 epoch_callback(epoch + 1, accountant)
@@ -518,6 +678,13 @@ def train(
     if flow is not None:
         save_weights(flow, out / "flow.safetensors")
         files.insert(1, "flow.safetensors")
+    if text is not None:
+        save_weights(text, out / "text.safetensors")
+        atomic_write_json(out / "tokenizer.json", tok.to_json())
+        files[-2:-2] = ["text.safetensors", "tokenizer.json"]
+        if canary_doc:
+            atomic_write_json(out / "canaries.json", canary_doc)
+            files.append("canaries.json")
     schema.save(out / "schema.json")
     atomic_write_json(out / "accountant.json", accountant.state_dict())
     sgd = [m for m in accountant.history if m.mechanism == CRITIC_MECHANISM]
@@ -529,13 +696,20 @@ def train(
         per_model["flow"] = {"mechanism": FLOW_MECHANISM, "noise_multiplier": plan.flow_noise,
                              "sample_rate": plan.sample_rate, "steps": sum(m.steps for m in flow_sgd),
                              "planned_steps": plan.flow_steps, "share": config.budget_shares["flow"]}
+    if text is not None:
+        text_sgd = [m for m in accountant.history if m.mechanism == TEXT_MECHANISM]
+        per_model["text"] = {"mechanism": TEXT_MECHANISM, "noise_multiplier": plan.text_noise,
+                             "sample_rate": plan.text_sample_rate, "steps": sum(m.steps for m in text_sgd),
+                             "planned_steps": plan.text_steps, "share": config.budget_shares["text"],
+                             "rows": plan.text_n, "batch_size": config.text.batch_size,
+                             "sampling": "Poisson over the patients with a note, q = 1/ceil(n_notes/text batch size)"}
     if not non_private:
         for v in per_model.values():  # what each model would cost alone (for reading the split; not additive)
             v["epsilon_alone"] = SiteAccountant([Mechanism(v["mechanism"], v["noise_multiplier"], v["sample_rate"],
                                                            v["steps"])]).epsilon(delta) if v["steps"] else 0.0
     privacy = {
         "differentially_private": not non_private,
-        "statement": NOT_PRIVATE if non_private else PRIVACY_STATEMENT,
+        "statement": NOT_PRIVATE if non_private else PRIVACY_STATEMENT + (TEXT_STATEMENT if text is not None else ""),
         "unit": "patient",
         "adjacency": "add/remove one patient (one row per patient)",
         "epsilon": eps_final,
@@ -559,13 +733,16 @@ def train(
         "preprocessing": "public bounds from the schema" + (" (estimated with DP, spend included)" if schema.dp_spend else ""),
         "selection": selection_report,
     }
+    if text is not None:
+        privacy["tokenizer"] = TOKENIZER_KIND
     manifest = {
         "format": MODEL_FORMAT,
         "dpsynth_version": __version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": list(config.models),
         "schema_sha256": schema.hash(),
-        "data": {"file": data_path, "sha256": data_sha256, "rows": n, "clipped_values": clipped},
+        "data": {"file": data_path, "sha256": data_sha256, "rows": n, "clipped_values": clipped,
+                 **({"notes": note_counts} if note_counts is not None else {})},
         "privacy": privacy,
         "training": {
             "config": config.to_json(),
@@ -575,6 +752,7 @@ def train(
             "epoch_losses": losses,
             "encoded_dim": encoder.dim,
             "flow_epoch_nll": flow_losses,
+            **({"text_epoch_nll": text_losses} if text is not None else {}),
         },
         "files": {name: sha256_file(out / name) for name in files},
     }
@@ -590,8 +768,15 @@ def train(
 
 def _save_resume_state(work: Path, *, seconds, generator, ema, critic, g_opt, c_opt, accountant, epochs_done, config, epsilon,
                        delta, non_private, schema, data_sha256, plan, snapshots, losses, flow=None, flow_opt=None,
-                       flow_epochs_done=0, flow_losses=()) -> None:
-    flow_meta = None
+                       flow_epochs_done=0, flow_losses=(), text=None, text_opt=None, text_epochs_done=0,
+                       text_losses=()) -> None:
+    flow_meta = text_meta = None
+    if text is not None and text_epochs_done > 0:  # weights + optimizer first, then state.json names them
+        save_weights(getattr(text, "_module", text), work / "text.safetensors")
+        tt, text_meta = _flatten_optimizer(getattr(text_opt, "original_optimizer", text_opt), "t")
+        tmp = work / ".text_optimizer.safetensors.tmp"
+        save_file(tt, str(tmp))
+        os.replace(tmp, work / "text_optimizer.safetensors")
     if flow is not None:  # written before state.json: the state never names a file that is not there yet
         save_weights(getattr(flow, "_module", flow), work / "flow.safetensors")
         ft, flow_meta = _flatten_optimizer(getattr(flow_opt, "original_optimizer", flow_opt), "f")
@@ -628,7 +813,45 @@ def _save_resume_state(work: Path, *, seconds, generator, ema, critic, g_opt, c_
         "flow_epochs_done": flow_epochs_done,
         "flow_losses": list(flow_losses),
         "flow_opt": flow_meta,
+        "text_noise": plan.text_noise,
+        "text_epochs_done": text_epochs_done,
+        "text_losses": list(text_losses),
+        "text_opt": text_meta,
     })
+
+
+def _missing(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # e.g. array-like cells
+        return False
+
+
+def _canaries(work: Path, per_count: int, notes: list, *, seed: int | None, resume: bool) -> dict:
+    """Plant (or, on resume, reload) the secret-sharer canaries: ``per_count`` canaries per repetition count in
+    CANARY_COUNTS plus as many never-planted controls. Hosts are row positions among the patients with a note.
+    Written to ``work/canaries.json`` before the first text step, so a resumed run trains on the same notes."""
+    from audits.text import insert_canaries, make_canaries
+
+    path = work / "canaries.json"
+    if resume and path.exists():
+        return read_json(path, "canaries")
+    present = [i for i, v in enumerate(notes) if v is not None]
+    need = per_count * sum(CANARY_COUNTS)
+    if need > len(present):
+        raise DataError(f"--canaries {per_count} needs {need} notes to replace, the data has {len(present)}")
+    secret_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
+    cans = make_canaries(per_count, CANARY_COUNTS, seed=secret_seed)
+    insert_canaries(pd.Series(notes, dtype=object)[present], cans, seed=secret_seed + 1)
+    doc = {"warning": CANARY_WARNING, "counts": list(CANARY_COUNTS), "per_count": per_count,
+           "hosts_are": "row positions in the training data",
+           "canaries": [{"secret": c.secret, "count": c.count, "text": c.text, "hosts": [int(h) for h in c.hosts]}
+                        for c in cans]}
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, doc)
+    return doc
 
 
 def load_model(model_dir: str | os.PathLike) -> tuple[dict, Schema, Generator, Encoder]:
@@ -662,3 +885,17 @@ def load_flow(model_dir: str | os.PathLike, manifest: dict, schema: Schema, enco
     flow = ConditionalFlow(codec.dim, codec.cond_dim, TrainConfig.from_json(manifest["training"]["config"]).flow)
     load_weights(flow, Path(model_dir) / "flow.safetensors")
     return flow, codec
+
+
+def load_text(model_dir: str | os.PathLike, manifest: dict, schema: Schema):
+    """(note model, tokenizer, text column) of a model directory already checked by ``load_model``;
+    (None, None, None) without a note model."""
+    if "text" not in manifest.get("models", []):
+        return None, None, None
+    model_dir = Path(model_dir)
+    tok = NoteTokenizer.from_json(read_json(model_dir / "tokenizer.json", "tokenizer"))
+    cfg = TrainConfig.from_json(manifest["training"]["config"]).text
+    model = NoteLM.for_tokenizer(tok, cfg)
+    load_weights(model, model_dir / "text.safetensors")
+    model.eval()
+    return model, tok, text_column(schema)

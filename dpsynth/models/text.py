@@ -361,10 +361,15 @@ class TextConfig:
     lr: float = 3e-3
     epochs: int = 5
     batch_size: int = 256
+    # sampling defaults used by dpsynth.generate (post-processing: no privacy effect)
+    temperature: float = 1.0
+    top_p: float = 0.95
 
     def __post_init__(self):
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} must be a multiple of heads {self.heads}")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be ≥ 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
 
 
 class Block(nn.Module):
