@@ -9,14 +9,26 @@ import pandas as pd
 from dpsynth.schema import Schema
 
 from . import attacks as A
+from . import text as T
 from .gate import decide
 from .policy import Policy, default_policy
 
 
+def _notes(df: pd.DataFrame, col: str) -> list[str]:
+    if col not in df:
+        return []
+    return [v for v in df[col].tolist() if isinstance(v, str) and v]
+
+
 def run_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
               policy: Policy | None = None, dp: dict | None = None, seed: int = 0, progress=None,
-              empirical: bool = True) -> dict:
-    """``dp``: the model's privacy facts (manifest 'privacy' section or synthetic provenance)."""
+              empirical: bool = True, model_dir=None) -> dict:
+    """``dp``: the model's privacy facts (manifest 'privacy' section or synthetic provenance).
+
+    Notes (issue 7): when the schema has a text column and train, holdout and synthetic all hold notes, the
+    verbatim word 8-gram overlap and identifier replay in notes are added; when ``model_dir`` holds planted
+    canaries (``canaries.json``), the canary exposure of its note model is measured with ``train`` as the host
+    records (the audit runs at the data holder, on the file the model was trained on)."""
     policy = policy or default_policy()
     say = progress or (lambda msg: None)
     t0 = time.time()
@@ -34,6 +46,18 @@ def run_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFram
         ("exact_copies", lambda: A.exact_copies(train, holdout, synthetic, schema)),
         ("identifier_replay", lambda: A.identifier_replay(train, synthetic, schema)),
     ]
+    text_cols = schema.of_kind("text")
+    if len(text_cols) == 1:
+        col = text_cols[0].name
+        tr_n, ho_n, sy_n = _notes(train, col), _notes(holdout, col), _notes(synthetic, col)
+        if tr_n and ho_n and sy_n:
+            steps += [
+                ("notes_ngram_overlap", lambda: T.ngram_overlap(sy_n, tr_n, ho_n, seed=seed)),
+                ("notes_identifier_replay", lambda: T.note_identifier_replay(sy_n, tr_n, ho_n)),
+            ]
+    if model_dir is not None and T.load_canaries(model_dir):
+        n_cand = int(policy.audit.get("canary_candidates", 1000))
+        steps.append(("notes_canary_exposure", lambda: T.model_exposure(model_dir, train, n_candidates=n_cand, seed=seed)))
     for name, fn in steps:
         say(f"audit: {name} ...")
         t = time.time()

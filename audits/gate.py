@@ -70,6 +70,28 @@ def decide(attacks: dict, dp: dict | None, policy: Policy) -> dict:
         checks.append(c)
     checks.append(_le("exact_copies.excess_rate", est(["exact_copies", "excess_rate"]), t["exact_copy_excess_rate_max"]))
     checks.append(_le("identifier_replay.count", est(["identifier_replay", "replayed_values"]), t["identifier_replay_max"]))
+    ng = est(["notes_ngram_overlap", "excess"])
+    if ng is not None:
+        c = _le("notes_ngram_overlap.excess", ng.get("value"), t["notes_ngram_excess_max"], _ci(ng),
+                note=f"word {attacks['notes_ngram_overlap'].get('n')}-grams only in the training notes vs only in the holdout's")
+        if ("notes_ngram_overlap.excess" in significant_only and not c.passed and ng.get("ci_low") is not None
+                and ng["ci_low"] <= ng.get("baseline", 0.0)):
+            c.passed = True
+            c.note = f"above the threshold but its 95 % CI includes the baseline {ng.get('baseline', 0.0)} (not significant)"
+        checks.append(c)
+    nir = est(["notes_identifier_replay", "replayed_values"])
+    if nir is not None:
+        checks.append(_le("notes_identifier_replay.count", nir, t["notes_identifier_replay_max"],
+                          note=f"control (holdout-only identifiers): {attacks['notes_identifier_replay'].get('control')}"))
+    exp = attacks.get("notes_canary_exposure")
+    if exp:
+        top = max(exp["per_count"], key=int)
+        e = exp["per_count"][top]
+        checks.append(_le(f"notes_canary_exposure.count_{top}", e.get("lower_bound", e.get("ci_low")),
+                          exp["chance"] + t["canary_exposure_margin_bits_max"], _ci(e),
+                          note=f"lower 95 % bound of the mean exposure (bits) of the {e.get('n')} canaries repeated "
+                               f"{top}× (point {e['value']:.2f}; SD at least that of no memorisation); threshold = "
+                               f"chance {exp['chance']:.2f} + margin"))
     emp = attacks.get("empirical_epsilon")
     if emp:
         checks.append(_le("empirical_epsilon.lower_bound", emp["epsilon_lower_bound"], emp["claimed_epsilon"],

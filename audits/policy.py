@@ -24,6 +24,9 @@ DEFAULT_REASONS = {
     "dcr_share_max": "0.5 is ideal; 0.6 means 20 % more synthetic rows sit nearer a training patient than chance",
     "exact_copy_excess_rate_max": "copies of training rows beyond what chance produces against the holdout",
     "identifier_replay_max": "no training identifier may appear in a release",
+    "notes_ngram_excess_max": "share of synthetic notes carrying a word 8-gram found only in the training notes minus the same share for the holdout's own 8-grams: ≈ 0 for a model that writes like the population, large for one that copies notes; 0.05 tolerates sampling noise (and the check also needs a significant excess) while copied notes score ≈ 1",
+    "notes_identifier_replay_max": "no identifier-like token (MRN-like digits, 'MRN x', titled names) of the training notes may appear in a generated note",
+    "canary_exposure_margin_bits_max": "secret-sharer exposure of the canaries repeated most often: its lower 95 % bound (normal approximation, SD at least the no-memorisation SD 1/ln 2 bits, so a single canary cannot fail by chance more than ≈ 2.5 % of the time) must stay within 1 bit of chance (≈ 1.44 bits; a non-memorising model's bound falls below chance), i.e. the planted secret is not even twice as likely as under no memorisation; a model that memorised them scores near log2(candidates + 1) ≈ 10 bits",
     "max_epsilon": "formal guarantee required per site; 10 is the loosest value commonly published for DP synthetic data",
     "max_delta": "δ must stay far below 1/n",
 }
@@ -36,7 +39,9 @@ class Policy:
     dp: dict = field(default_factory=lambda: {"require_dp": True, "max_epsilon": 10.0, "max_delta": 1e-5})
     thresholds: dict = field(default_factory=dict)
     audit: dict = field(default_factory=lambda: {"max_victims": 2000, "quasi_identifiers": [],
-                                                 "significance_required": ["dcr.share", "inference_risk.risk"]})
+                                                 "significance_required": ["dcr.share", "inference_risk.risk",
+                                                                          "notes_ngram_overlap.excess"],
+                                                 "canary_candidates": 1000})
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -44,6 +44,7 @@ from .stats import bootstrap
 SECRET_DIGITS = 8
 CANARY_FORMAT = "pt MRN {secret} seen in clinic, c/o routine review."
 COUNTS = (1, 4, 16)
+NULL_SD_BITS = 1 / math.log(2)  # SD of the exposure −log2 U of a canary the model did not memorise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,6 +148,11 @@ def exposure(model_scorer: Callable[[list[str], Canary], np.ndarray], canaries: 
                         method=f"mean rank exposure of {len(v)} canaries repeated {cnt}× "
                                f"({n_candidates} candidate secrets; max {math.log2(n_candidates + 1):.2f} bits)").to_json()
         est["control"] = control_mean
+        # lower 95 % bound for the gate: normal approximation with the larger of the sample SD and the SD of
+        # exposure under no memorisation (−log2 U: 1/ln 2 bits), so that one or two canaries (a degenerate
+        # bootstrap) cannot fail a model by chance more often than ≈ 2.5 %
+        sd = max(float(v.std(ddof=1)) if len(v) > 1 else 0.0, NULL_SD_BITS)
+        est["lower_bound"] = float(v.mean() - 1.96 * sd / math.sqrt(len(v)))
         est["extrapolated"] = float(g["exposure_extrapolated"].mean())
         est["max_exposure"] = math.log2(n_candidates + 1)
         per_count[str(int(cnt))] = est
@@ -233,3 +239,51 @@ def note_identifier_replay(synthetic: Sequence[str], train: Sequence[str], holdo
             "identifiers_in_train_notes": len(tr), "identifiers_in_holdout_notes": len(ho),
             "method": "identifier-like tokens (MRN-like digits ≥ 6, 'MRN x', titled names) of training notes found in "
                       "synthetic notes (audits.attacks.identifier_replay token rule); control: holdout-only identifiers"}
+
+
+# ------------------------------------------------------------------------------------------------
+# exposure of a trained dpsynth model directory (runs at the data holder: host records are available)
+# ------------------------------------------------------------------------------------------------
+
+def load_canaries(model_dir) -> list[Canary] | None:
+    """The canaries planted when the model in ``model_dir`` was trained (``canaries.json``), or None."""
+    import json
+    from pathlib import Path
+
+    p = Path(model_dir) / "canaries.json"
+    if not p.exists():
+        return None
+    d = json.loads(p.read_text(encoding="utf-8"))
+    return [Canary(c["secret"], int(c["count"]), c["text"], list(c.get("hosts", []))) for c in d["canaries"]]
+
+
+def model_exposure(model_dir, train: pd.DataFrame, *, n_candidates: int = 1000, seed: int | None = 0) -> dict | None:
+    """Secret-sharer exposure per repetition count of the canaries planted in ``model_dir``'s note model, scored
+    by that model conditioned on each canary's first host record (row position in ``train``, the training file
+    the model saw); control canaries (never planted) are scored under the first training record. None when the
+    model has no canaries."""
+    from dpsynth.errors import ModelError
+    from dpsynth.models.text import note_log_likelihood
+    from dpsynth.train import load_model, load_text
+
+    canaries = load_canaries(model_dir)
+    if not canaries:
+        return None
+    manifest, schema, _, _ = load_model(model_dir)  # checks every file against the manifest's SHA-256
+    model, tok, _ = load_text(model_dir, manifest, schema)
+    if model is None:
+        raise ModelError(f"{model_dir}: canaries.json without a note model")
+    rows = train.reset_index(drop=True)
+    hosts = [h for c in canaries for h in c.hosts]
+    if hosts and max(hosts) >= len(rows):
+        raise ModelError(f"{model_dir}: canary host rows are not in this training file ({len(rows)} rows): audit "
+                         "with the file the model was trained on")
+
+    def scorer(texts: list[str], canary: Canary) -> np.ndarray:
+        row = rows.iloc[canary.hosts[0] if canary.hosts else 0]
+        ids = tok.encode(pd.DataFrame([row] * len(texts)).reset_index(drop=True), texts).ids
+        return note_log_likelihood(model, ids)[0]
+
+    res = exposure(scorer, canaries, n_candidates=n_candidates, seed=seed)
+    res["scorer"] = "the model's log-likelihood of the canary note given its first host's record"
+    return res
