@@ -289,3 +289,36 @@ def test_csv_round_trip_of_generated_notes(dp_model, tschema, tmp_path):
     back = validate_frame(read_table(tmp_path / "s.csv"), tschema, "s.csv")
     assert len(back) == 100
     assert np.mean([isinstance(v, str) for v in back["note"]]) > 0.9
+
+
+def test_gate_rules_for_the_note_checks():
+    """The three note checks on hand-made attack results: thresholds, the significance rule, the exposure bound."""
+    from audits.gate import decide
+    from audits.policy import default_policy
+    from audits.text import chance_exposure, exposure, make_canaries
+
+    pol = default_policy()
+    assert {"notes_ngram_excess_max", "notes_identifier_replay_max", "canary_exposure_margin_bits_max"} <= set(pol.thresholds)
+
+    def gate(ng, replay, exp_per16):
+        at = {"notes_ngram_overlap": {"n": 8, "excess": ng},
+              "notes_identifier_replay": {"replayed_values": replay, "control": 0},
+              "notes_canary_exposure": {"chance": chance_exposure(1000), "per_count": {"0": exp_per16, "16": exp_per16}}}
+        return {c["check"]: c["passed"] for c in decide(at, None, pol)["checks"] if c["check"].startswith("notes_")}
+
+    quiet = {"value": 1.5, "ci_low": 0.5, "ci_high": 2.5, "lower_bound": 0.2, "n": 4}
+    assert all(gate({"value": 0.0, "ci_low": -0.02, "ci_high": 0.02, "baseline": 0.0}, 0, quiet).values())
+    # above the threshold but not significant: passes (noisy small sites); significant: fails
+    assert gate({"value": 0.08, "ci_low": -0.01, "ci_high": 0.17, "baseline": 0.0}, 0, quiet)["notes_ngram_overlap.excess"]
+    assert not gate({"value": 0.3, "ci_low": 0.25, "ci_high": 0.35, "baseline": 0.0}, 0, quiet)["notes_ngram_overlap.excess"]
+    assert not gate({"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "baseline": 0.0}, 1, quiet)["notes_identifier_replay.count"]
+    loud = {"value": 9.9, "ci_low": 9.9, "ci_high": 9.9, "lower_bound": 8.5, "n": 2}
+    assert not gate({"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "baseline": 0.0}, 0, loud)["notes_canary_exposure.count_16"]
+    # a scorer that knows nothing about the secrets: one canary per count must not fail the bound by chance often
+    rng = np.random.default_rng(0)
+    fails = 0
+    for rep in range(40):
+        cans = make_canaries(1, (16,), seed=rep, controls=False)
+        res = exposure(lambda texts, c: rng.normal(size=len(texts)), cans, n_candidates=200, seed=rep)
+        fails += res["per_count"]["16"]["lower_bound"] > res["chance"] + pol.thresholds["canary_exposure_margin_bits_max"]
+    assert fails <= 4  # expected ≈ 2.5 % of 40 ≈ 1
