@@ -74,6 +74,7 @@ def summarise(runs: list[dict]) -> dict:
     for key in sorted({str(r["epsilon_target"]) for r in runs}):
         rs = [r for r in runs if str(r["epsilon_target"]) == key]
         agg = {"runs": len(rs), "fit_seconds_mean": float(np.mean([r["fit_seconds"] for r in rs])),
+               "fit_seconds_median": float(np.median([r["fit_seconds"] for r in rs])),
                "peak_rss_mb_max": float(max(r["peak_rss_mb"] for r in rs))}
         for m in rs[0]["metrics"]:
             vals = [r["metrics"][m] for r in rs if r["metrics"][m] is not None]
