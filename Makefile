@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/audit_speed.py
 	$(BIN)/python bench/audit_controls.py
 	$(BIN)/python bench/demo_fed.py
-	$(BIN)/python bench/federated_vs_central.py --rounds 5 --local-epochs 10
+	$(BIN)/python bench/federated_vs_central.py
 	$(BIN)/python bench/summarize.py
 
 clean:

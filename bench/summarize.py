@@ -115,7 +115,9 @@ def main() -> None:
         print(f"**`bench/federated_vs_central.py`** — ε = {fc['epsilon_per_site']:g} per site, {fc['rounds']} rounds × "
               f"{fc['local_epochs']} local epochs, {len(fc['runs'])} seed(s): TSTR/TRTR federated {f_['tstr_trtr_auroc_ratio']:.2f} vs "
               f"central {c_['tstr_trtr_auroc_ratio']:.2f} → **{fc['federated_over_central_tstr']:.0%} of central** (target ≥ 95 %: "
-              f"not met); mean APD {f_['mean_apd']:.3f} vs {c_['mean_apd']:.3f}; correlation distance "
+              f"{'met' if fc['meets_target'] else 'not met'}; per seed "
+              + ", ".join(f"{r['federated']['tstr_trtr_auroc_ratio'] / r['central']['tstr_trtr_auroc_ratio']:.0%}" for r in fc["runs"])
+              + f"; models {fc.get('models', 'wgan')}); mean APD {f_['mean_apd']:.3f} vs {c_['mean_apd']:.3f}; correlation distance "
               f"{f_['correlation_distance']:.3f} vs {c_['correlation_distance']:.3f}.\n")
 
 
