@@ -440,6 +440,22 @@ def train(
     prev_seconds = st["seconds"] if st else 0.0
     bar = _Progress(plan.planned_steps + plan.flow_steps + plan.text_steps, progress)
 
+    def run_phase(start: int, total: int, label: str, losses: list, save, callback, one_epoch) -> int:
+        """Epochs ``start``..``total`` of one model: mean loss per epoch, resume state saved after each, the
+        caller's callback told. Returns the epochs done."""
+        try:
+            for e in range(start, total):
+                ls = one_epoch()
+                losses.append(float(np.nanmean(ls)) if ls and not np.isnan(ls).all() else float("nan"))
+                bar.update(0, **{label: f"{e + 1}/{total}"}, nll=f"{losses[-1]:.3f}")
+                save(e + 1)
+                if callback is not None:
+                    callback(e + 1, accountant)
+        except BaseException:
+            bar.close()
+            raise
+        return max(start, total)
+
     # ---- phase 1: the vitals flow (DP-SGD, its own mechanism in the same accountant) ---------------
     flow = flow_opt = None
     flow_losses: list[float] = []
@@ -480,25 +496,20 @@ def train(
                     accountant.step(FLOW_MECHANISM, noise_multiplier=plan.flow_noise, sample_rate=plan.sample_rate)
                 bar.update(1)
 
-            try:
-                for fe in range(flow_done, config.flow.epochs):
-                    ls = flow_epoch(flow=train_flow, optimizer=f_opt, criterion=f_crit, loader=f_loader, codec=codec,
-                                    dequant=dequant, private=not non_private, may_step=flow_may_step, stepped=flow_stepped)
-                    flow_losses.append(float(np.nanmean(ls)) if ls else float("nan"))
-                    bar.update(0, flow_epoch=f"{fe + 1}/{config.flow.epochs}", nll=f"{flow_losses[-1]:.3f}")
-                    flow_done = fe + 1
-                    _save_resume_state(
-                        work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
-                        g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
-                        epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
-                        data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
-                        flow=flow, flow_opt=f_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
-                    )
-                    if flow_epoch_callback is not None:
-                        flow_epoch_callback(flow_done, accountant)
-            except BaseException:
-                bar.close()
-                raise
+            def save_flow(done: int) -> None:
+                _save_resume_state(
+                    work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
+                    g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
+                    epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
+                    data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
+                    flow=flow, flow_opt=f_opt, flow_epochs_done=done, flow_losses=flow_losses,
+                )
+
+            flow_done = run_phase(
+                flow_done, config.flow.epochs, "flow_epoch", flow_losses, save_flow, flow_epoch_callback,
+                lambda: flow_epoch(flow=train_flow, optimizer=f_opt, criterion=f_crit, loader=f_loader, codec=codec,
+                                   dequant=dequant, private=not non_private, may_step=flow_may_step,
+                                   stepped=flow_stepped))
             flow_opt = f_opt
 
     # ---- phase 2: the note model (DP-SGD over the patients with a note, same accountant) ------------
@@ -561,26 +572,20 @@ def train(
                     accountant.step(TEXT_MECHANISM, noise_multiplier=plan.text_noise, sample_rate=plan.text_sample_rate)
                 bar.update(1)
 
-            try:
-                for te in range(text_done, config.text.epochs):
-                    ls = text_epoch(model=train_text, optimizer=t_opt, criterion=t_crit, loader=t_loader,
-                                    private=not non_private, may_step=text_may_step, stepped=text_stepped)
-                    text_losses.append(float(np.nanmean(ls)) if ls and not np.isnan(ls).all() else float("nan"))
-                    bar.update(0, text_epoch=f"{te + 1}/{config.text.epochs}", nll=f"{text_losses[-1]:.3f}")
-                    text_done = te + 1
-                    _save_resume_state(
-                        work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
-                        g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
-                        epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
-                        data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
-                        flow=flow, flow_opt=flow_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
-                        text=text, text_opt=t_opt, text_epochs_done=text_done, text_losses=text_losses,
-                    )
-                    if text_epoch_callback is not None:
-                        text_epoch_callback(text_done, accountant)
-            except BaseException:
-                bar.close()
-                raise
+            def save_text(done: int) -> None:
+                _save_resume_state(
+                    work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
+                    g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
+                    epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
+                    data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
+                    flow=flow, flow_opt=flow_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
+                    text=text, text_opt=t_opt, text_epochs_done=done, text_losses=text_losses,
+                )
+
+            text_done = run_phase(
+                text_done, config.text.epochs, "text_epoch", text_losses, save_text, text_epoch_callback,
+                lambda: text_epoch(model=train_text, optimizer=t_opt, criterion=t_crit, loader=t_loader,
+                                   private=not non_private, may_step=text_may_step, stepped=text_stepped))
             text_opt = t_opt
 
     # ---- phase 3: the WGAN -------------------------------------------------------------------------

@@ -24,7 +24,6 @@ as its own mechanism (``dp-sgd:flow``).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from ..preprocess import Encoder
+from .dp import PerSampleLoss, backward_and_step, empty_batch_step, make_private, run_epoch
 from ..schema import Schema
 
 LOG_2PI = math.log(2 * math.pi)
@@ -46,20 +46,6 @@ class FlowConfig:
     lr: float = 5e-3  # tuned on NAFLD at ε = 3 (2e-3: under-fit in 60 epochs; 1e-2: unstable)
     epochs: int = 60
     scale_clamp: float = 2.0  # |log-scale| per coupling ≤ this (soft, via tanh): keeps DP training stable
-
-
-class PerSampleLoss(nn.Module):
-    """The model already returns one loss per sample; Opacus' criterion wrapper needs ``reduction``."""
-
-    def __init__(self, reduction: str = "mean"):
-        super().__init__()
-        self.reduction = reduction
-
-    def forward(self, per_sample: torch.Tensor, _target: torch.Tensor | None = None) -> torch.Tensor:
-        per_sample = per_sample.reshape(-1)
-        if self.reduction == "none":
-            return per_sample
-        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
 def _partition_masks(dim: int, k: int) -> list[torch.Tensor]:
@@ -231,38 +217,16 @@ def flow_step(*, flow, optimizer, criterion, codec: VitalsCodec, batch, dequant:
     """One (DP when ``private``) step on a Poisson batch (u, obs, c). Returns the mean NLL."""
     u, obs, c = batch
     optimizer.zero_grad(set_to_none=False)
-    if u.shape[0] == 0:  # an empty Poisson batch still gets its noise
-        for p in flow.parameters():
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        return float("nan")
+    if u.shape[0] == 0:
+        return empty_batch_step(flow, optimizer)
     y = codec.to_y(u, obs, dequantize=dequant)
-    nll = flow(y, obs, c)
-    if private:
-        loss = criterion(nll, None)
-        with warnings.catch_warnings():  # Opacus' ghost clipping: "full backward hook ... no inputs require grad"
-            warnings.filterwarnings("ignore", message="Full backward hook")
-            loss.backward()
-        val = float(nll.detach().mean())
-    else:
-        loss = nll.mean()
-        loss.backward()
-        val = float(loss.detach())
-    optimizer.step()
-    return val
+    return backward_and_step(flow(y, obs, c), criterion=criterion, optimizer=optimizer, private=private)
 
 
 def make_private_flow(*, flow, optimizer, loader, noise_multiplier: float, max_grad_norm: float, noise_generator):
     """Opacus wiring for the flow: ghost clipping, Poisson sampling (q = 1/len(loader))."""
-    from opacus import PrivacyEngine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PrivacyEngine(accountant="prv").make_private(
-            module=flow, optimizer=optimizer, criterion=PerSampleLoss(), data_loader=loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode="ghost",
-            poisson_sampling=True, noise_generator=noise_generator,
-        )
+    return make_private(module=flow, optimizer=optimizer, criterion=PerSampleLoss(), loader=loader,
+                        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=noise_generator)
 
 
 @torch.no_grad()
@@ -293,13 +257,7 @@ def fill_vitals(flow: ConditionalFlow, codec: VitalsCodec, df: pd.DataFrame, *, 
 
 def flow_epoch(*, flow, optimizer, criterion, loader, codec: VitalsCodec, dequant, private: bool,
                may_step=lambda: True, stepped=lambda: None) -> list[float]:
-    """One pass over a Poisson loader. ``may_step`` is asked before every step (the caller's plan), ``stepped``
-    is told after it (the caller's accountant). Returns the per-step mean NLLs."""
-    losses = []
-    for batch in loader:
-        if not may_step():
-            break
-        losses.append(flow_step(flow=flow, optimizer=optimizer, criterion=criterion, codec=codec, batch=batch,
-                                dequant=dequant, private=private))
-        stepped()
-    return losses
+    """One pass over a Poisson loader (models.dp.run_epoch). Returns the per-step mean NLLs."""
+    return run_epoch(loader, lambda b: flow_step(flow=flow, optimizer=optimizer, criterion=criterion, codec=codec,
+                                                   batch=b, dequant=dequant, private=private),
+                     may_step=may_step, stepped=stepped)

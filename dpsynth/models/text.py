@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schema import Schema, canonical_category
-from .flow import PerSampleLoss
+from .dp import PerSampleLoss, backward_and_step, empty_batch_step, make_private, run_epoch
 
 __all__ = [
     "TOKENIZER_KIND",
@@ -495,27 +495,11 @@ def text_step(*, model, optimizer, criterion, batch, private: bool) -> float:
     TensorDataset loader). Returns the batch's mean per-patient NLL (nats per token)."""
     ids = batch[0] if isinstance(batch, (tuple, list)) else batch
     optimizer.zero_grad(set_to_none=False)
-    if ids.shape[0] == 0:  # an empty Poisson batch still gets its noise
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        return float("nan")
+    if ids.shape[0] == 0:
+        return empty_batch_step(model, optimizer)
     prefix_len = (model._module if hasattr(model, "_module") else model).prefix_len
-    ids = _trim(ids, prefix_len)
-    nll = model(ids)
-    if private:
-        # ghost clipping: the criterion wraps the [B] per-patient losses; hooks mode: the plain mean
-        loss = criterion(nll, None) if criterion is not None else nll.mean()
-        with warnings.catch_warnings():  # Opacus' hooks: "full backward hook ... no inputs require grad"
-            warnings.filterwarnings("ignore", message="Full backward hook")
-            loss.backward()
-        val = float(nll.detach().mean())
-    else:
-        loss = nll.mean()
-        loss.backward()
-        val = float(loss.detach())
-    optimizer.step()
-    return val
+    # ghost clipping: the criterion wraps the [B] per-patient losses; hooks mode (criterion None): the plain mean
+    return backward_and_step(model(_trim(ids, prefix_len)), criterion=criterion, optimizer=optimizer, private=private)
 
 
 def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_grad_norm: float, noise_generator,
@@ -527,34 +511,16 @@ def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_
     backward passes, per-sample norms without per-sample gradients) or ``"hooks"`` (one backward pass, per-sample
     gradients instantiated: B × parameters floats; criterion None). Both clip each patient's whole note to
     ``max_grad_norm`` and add the same noise; pick by measured speed (see the module docstring)."""
-    from opacus import PrivacyEngine
-
-    if grad_sample_mode not in ("ghost", "hooks"):
-        raise ValueError(f"grad_sample_mode must be 'ghost' or 'hooks', got {grad_sample_mode!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = PrivacyEngine(accountant="prv").make_private(
-            module=model, optimizer=optimizer, criterion=PerSampleLoss(), data_loader=loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode,
-            poisson_sampling=True, noise_generator=noise_generator,
-        )
-    if grad_sample_mode == "hooks":
-        m, opt, dl = out
-        return m, opt, None, dl
-    return out
+    return make_private(module=model, optimizer=optimizer, criterion=PerSampleLoss(), loader=loader,
+                        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=noise_generator,
+                        grad_sample_mode=grad_sample_mode)
 
 
 def text_epoch(*, model, optimizer, criterion, loader, private: bool, may_step=lambda: True,
                stepped=lambda: None) -> list[float]:
-    """One pass over a Poisson loader. ``may_step`` is asked before every step (the caller's plan), ``stepped``
-    is told after it (the caller's accountant). Returns the per-step mean NLLs."""
-    losses = []
-    for batch in loader:
-        if not may_step():
-            break
-        losses.append(text_step(model=model, optimizer=optimizer, criterion=criterion, batch=batch, private=private))
-        stepped()
-    return losses
+    """One pass over a Poisson loader (models.dp.run_epoch). Returns the per-step mean NLLs."""
+    return run_epoch(loader, lambda b: text_step(model=model, optimizer=optimizer, criterion=criterion, batch=b,
+                                                   private=private), may_step=may_step, stepped=stepped)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -223,17 +223,10 @@ def make_private_critic(*, critic, optimizer, loader, noise_multiplier: float, m
     """The one Opacus wiring for the critic: ghost clipping, Poisson sampling (q = 1/len(loader)).
     Returns (wrapped critic, DP optimizer, criterion, Poisson loader). The engine's own accountant is not
     used: callers record steps in their SiteAccountant."""
-    import warnings
+    from .dp import make_private
 
-    from opacus import PrivacyEngine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PrivacyEngine(accountant="prv").make_private(
-            module=critic, optimizer=optimizer, criterion=RealTermLoss(), data_loader=loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode="ghost",
-            poisson_sampling=True, noise_generator=noise_generator,
-        )
+    return make_private(module=critic, optimizer=optimizer, criterion=RealTermLoss(), loader=loader,
+                        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=noise_generator)
 
 
 def wgan_step(*, generator, critic, encoder, g_opt, c_opt, criterion, real: torch.Tensor, config: WGANConfig,
