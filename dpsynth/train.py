@@ -440,6 +440,17 @@ def train(
     prev_seconds = st["seconds"] if st else 0.0
     bar = _Progress(plan.planned_steps + plan.flow_steps + plan.text_steps, progress)
 
+    def save_before_wgan(flow_epochs: int, text_epochs: int) -> None:
+        """Resume state during the flow / text phases (the WGAN has not started: its initial weights)."""
+        _save_resume_state(
+            work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
+            g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
+            epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
+            data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
+            flow=flow, flow_opt=flow_opt, flow_epochs_done=flow_epochs, flow_losses=flow_losses,
+            text=text, text_opt=text_opt, text_epochs_done=text_epochs, text_losses=text_losses,
+        )
+
     def run_phase(start: int, total: int, label: str, losses: list, save, callback, one_epoch) -> int:
         """Epochs ``start``..``total`` of one model: mean loss per epoch, resume state saved after each, the
         caller's callback told. Returns the epochs done."""
@@ -459,6 +470,8 @@ def train(
     # ---- phase 1: the vitals flow (DP-SGD, its own mechanism in the same accountant) ---------------
     flow = flow_opt = None
     flow_losses: list[float] = []
+    text = text_opt = tok = None  # phase 2's model: named here because save_before_wgan reads it in phase 1
+    text_losses: list[float] = []
     flow_done = 0
     if plan.flow_steps:
         codec = VitalsCodec(schema, encoder)
@@ -496,25 +509,15 @@ def train(
                     accountant.step(FLOW_MECHANISM, noise_multiplier=plan.flow_noise, sample_rate=plan.sample_rate)
                 bar.update(1)
 
-            def save_flow(done: int) -> None:
-                _save_resume_state(
-                    work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
-                    g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
-                    epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
-                    data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
-                    flow=flow, flow_opt=f_opt, flow_epochs_done=done, flow_losses=flow_losses,
-                )
-
             flow_done = run_phase(
-                flow_done, config.flow.epochs, "flow_epoch", flow_losses, save_flow, flow_epoch_callback,
+                flow_done, config.flow.epochs, "flow_epoch", flow_losses, lambda d: save_before_wgan(d, 0),
+                flow_epoch_callback,
                 lambda: flow_epoch(flow=train_flow, optimizer=f_opt, criterion=f_crit, loader=f_loader, codec=codec,
                                    dequant=dequant, private=not non_private, may_step=flow_may_step,
                                    stepped=flow_stepped))
             flow_opt = f_opt
 
     # ---- phase 2: the note model (DP-SGD over the patients with a note, same accountant) ------------
-    text = text_opt = tok = None
-    text_losses: list[float] = []
     text_done = 0
     note_counts = canary_doc = None
     if plan.text_steps:
@@ -572,18 +575,9 @@ def train(
                     accountant.step(TEXT_MECHANISM, noise_multiplier=plan.text_noise, sample_rate=plan.text_sample_rate)
                 bar.update(1)
 
-            def save_text(done: int) -> None:
-                _save_resume_state(
-                    work, seconds=time.time() - t0 + prev_seconds, generator=generator, ema=ema, critic=critic,
-                    g_opt=g_opt, c_opt=c_opt, accountant=accountant, epochs_done=0, config=config,
-                    epsilon=epsilon, delta=delta, non_private=non_private, schema=schema,
-                    data_sha256=data_sha256, plan=plan, snapshots={}, losses=[],
-                    flow=flow, flow_opt=flow_opt, flow_epochs_done=flow_done, flow_losses=flow_losses,
-                    text=text, text_opt=t_opt, text_epochs_done=done, text_losses=text_losses,
-                )
-
             text_done = run_phase(
-                text_done, config.text.epochs, "text_epoch", text_losses, save_text, text_epoch_callback,
+                text_done, config.text.epochs, "text_epoch", text_losses, lambda d: save_before_wgan(flow_done, d),
+                text_epoch_callback,
                 lambda: text_epoch(model=train_text, optimizer=t_opt, criterion=t_crit, loader=t_loader,
                                    private=not non_private, may_step=text_may_step, stepped=text_stepped))
             text_opt = t_opt
