@@ -42,9 +42,10 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
-from .models.flow import (ConditionalFlow, FlowConfig, VitalsCodec, flow_epoch, make_private_flow)
-from .models.text import TOKENIZER_KIND, NoteLM, NoteTokenizer, TextConfig, make_private_text, text_epoch
-from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
+from .models.dp import PerSampleLoss, make_private
+from .models.flow import ConditionalFlow, FlowConfig, VitalsCodec, flow_epoch
+from .models.text import TOKENIZER_KIND, NoteLM, NoteTokenizer, TextConfig, text_epoch
+from .models.wgan import Critic, Generator, RealTermLoss, WGANConfig, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise, calibrate_split
 from .privacy.ledger import Ledger
@@ -440,6 +441,21 @@ def train(
     prev_seconds = st["seconds"] if st else 0.0
     bar = _Progress(plan.planned_steps + plan.flow_steps + plan.text_steps, progress)
 
+    def poisson_wiring(module, optimizer, criterion, dataset, batch_size, noise, sample_rate, what):
+        """(module, optimizer, criterion, Poisson loader) for one model: Opacus (clipping + noise) when private,
+        the same Poisson batches and the plain module / optimizer (criterion None) when not."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=sample_gen)
+        if non_private:
+            from opacus.data_loader import DPDataLoader
+
+            out = (module, optimizer, None, DPDataLoader.from_data_loader(loader, generator=sample_gen))
+        else:
+            out = make_private(module=module, optimizer=optimizer, criterion=criterion, loader=loader,
+                               noise_multiplier=noise, max_grad_norm=config.max_grad_norm, noise_generator=noise_gen)
+        if abs(out[3].sample_rate - sample_rate) > 1e-12:
+            raise RuntimeError(f"{what} sampling rate mismatch: loader {out[3].sample_rate} vs plan {sample_rate}")
+        return out
+
     def save_before_wgan(flow_epochs: int, text_epochs: int) -> None:
         """Resume state during the flow / text phases (the WGAN has not started: its initial weights)."""
         _save_resume_state(
@@ -486,18 +502,8 @@ def train(
         if flow_done < config.flow.epochs:
             u, obs, c = codec.encode(df, x_np)
             fds = torch.utils.data.TensorDataset(torch.from_numpy(u), torch.from_numpy(obs), torch.from_numpy(c))
-            floader = torch.utils.data.DataLoader(fds, batch_size=config.batch_size, generator=sample_gen)
-            if non_private:
-                from opacus.data_loader import DPDataLoader
-
-                train_flow, f_opt, f_crit = flow, flow_opt, None
-                f_loader = DPDataLoader.from_data_loader(floader, generator=sample_gen)
-            else:
-                train_flow, f_opt, f_crit, f_loader = make_private_flow(
-                    flow=flow, optimizer=flow_opt, loader=floader, noise_multiplier=plan.flow_noise,
-                    max_grad_norm=config.max_grad_norm, noise_generator=noise_gen)
-            if abs(f_loader.sample_rate - plan.sample_rate) > 1e-12:
-                raise RuntimeError(f"flow sampling rate mismatch: {f_loader.sample_rate} vs plan {plan.sample_rate}")
+            train_flow, f_opt, f_crit, f_loader = poisson_wiring(
+                flow, flow_opt, PerSampleLoss(), fds, config.batch_size, plan.flow_noise, plan.sample_rate, "flow")
             dequant = torch.Generator()
             dequant.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed + 2)
 
@@ -554,18 +560,9 @@ def train(
         bar.update(text_done * plan.text_steps_per_epoch)
         if text_done < config.text.epochs:
             tds = torch.utils.data.TensorDataset(torch.from_numpy(enc.ids[enc.present]))
-            tloader = torch.utils.data.DataLoader(tds, batch_size=config.text.batch_size, generator=sample_gen)
-            if non_private:
-                from opacus.data_loader import DPDataLoader
-
-                train_text, t_opt, t_crit = text, text_opt, None
-                t_loader = DPDataLoader.from_data_loader(tloader, generator=sample_gen)
-            else:
-                train_text, t_opt, t_crit, t_loader = make_private_text(
-                    model=text, optimizer=text_opt, loader=tloader, noise_multiplier=plan.text_noise,
-                    max_grad_norm=config.max_grad_norm, noise_generator=noise_gen)
-            if abs(t_loader.sample_rate - plan.text_sample_rate) > 1e-12:
-                raise RuntimeError(f"text sampling rate mismatch: {t_loader.sample_rate} vs plan {plan.text_sample_rate}")
+            train_text, t_opt, t_crit, t_loader = poisson_wiring(
+                text, text_opt, PerSampleLoss(), tds, config.text.batch_size, plan.text_noise, plan.text_sample_rate,
+                "text")
 
             def text_may_step() -> bool:  # never take a step the calibration did not plan for
                 return non_private or sum(m.steps for m in accountant.history if m.mechanism == TEXT_MECHANISM) < plan.text_steps
@@ -584,20 +581,8 @@ def train(
 
     # ---- phase 3: the WGAN -------------------------------------------------------------------------
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x_np))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, generator=sample_gen)
-    if non_private:
-        from opacus.data_loader import DPDataLoader
-
-        train_critic = critic
-        dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)  # same Poisson batches
-        criterion = None
-    else:
-        train_critic, c_opt, criterion, dp_loader = make_private_critic(
-            critic=critic, optimizer=c_opt, loader=loader, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=config.max_grad_norm, noise_generator=noise_gen,
-        )
-    if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
-        raise RuntimeError(f"sampling rate mismatch: loader {dp_loader.sample_rate} vs plan {plan.sample_rate}")
+    train_critic, c_opt, criterion, dp_loader = poisson_wiring(
+        critic, c_opt, RealTermLoss(), dataset, config.batch_size, plan.noise_multiplier, plan.sample_rate, "critic")
 
     snap_epochs = sorted({max(1, round(config.epochs * (i + 1) / max(1, config.checkpoints))) for i in range(max(1, config.checkpoints))})
     bar.update(start_epoch * plan.steps_per_epoch)
