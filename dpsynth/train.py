@@ -456,6 +456,19 @@ def train(
             raise RuntimeError(f"{what} sampling rate mismatch: loader {out[3].sample_rate} vs plan {sample_rate}")
         return out
 
+    def step_guard(mechanism: str, noise, sample_rate, planned: int):
+        """(may_step, stepped) for one model's loop: never a step the calibration did not plan for; every step
+        recorded in the accountant (DP runs) and the progress bar."""
+        def may_step() -> bool:
+            return non_private or sum(m.steps for m in accountant.history if m.mechanism == mechanism) < planned
+
+        def stepped() -> None:
+            if not non_private:
+                accountant.step(mechanism, noise_multiplier=noise, sample_rate=sample_rate)
+            bar.update(1)
+
+        return may_step, stepped
+
     def save_before_wgan(flow_epochs: int, text_epochs: int) -> None:
         """Resume state during the flow / text phases (the WGAN has not started: its initial weights)."""
         _save_resume_state(
@@ -507,14 +520,7 @@ def train(
             dequant = torch.Generator()
             dequant.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed + 2)
 
-            def flow_may_step() -> bool:  # never take a step the calibration did not plan for
-                return non_private or sum(m.steps for m in accountant.history if m.mechanism == FLOW_MECHANISM) < plan.flow_steps
-
-            def flow_stepped() -> None:
-                if not non_private:
-                    accountant.step(FLOW_MECHANISM, noise_multiplier=plan.flow_noise, sample_rate=plan.sample_rate)
-                bar.update(1)
-
+            flow_may_step, flow_stepped = step_guard(FLOW_MECHANISM, plan.flow_noise, plan.sample_rate, plan.flow_steps)
             flow_done = run_phase(
                 flow_done, config.flow.epochs, "flow_epoch", flow_losses, lambda d: save_before_wgan(d, 0),
                 flow_epoch_callback,
@@ -564,14 +570,8 @@ def train(
                 text, text_opt, PerSampleLoss(), tds, config.text.batch_size, plan.text_noise, plan.text_sample_rate,
                 "text")
 
-            def text_may_step() -> bool:  # never take a step the calibration did not plan for
-                return non_private or sum(m.steps for m in accountant.history if m.mechanism == TEXT_MECHANISM) < plan.text_steps
-
-            def text_stepped() -> None:
-                if not non_private:
-                    accountant.step(TEXT_MECHANISM, noise_multiplier=plan.text_noise, sample_rate=plan.text_sample_rate)
-                bar.update(1)
-
+            text_may_step, text_stepped = step_guard(TEXT_MECHANISM, plan.text_noise, plan.text_sample_rate,
+                                                     plan.text_steps)
             text_done = run_phase(
                 text_done, config.text.epochs, "text_epoch", text_losses, lambda d: save_before_wgan(flow_done, d),
                 text_epoch_callback,
