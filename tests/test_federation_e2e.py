@@ -1,8 +1,9 @@
 """Real Flower processes on 127.0.0.1: flower-superlink (TLS + SuperNode auth), flower-supernode per site,
 `flwr supernode register`, `flwr run`. Small models so the runs stay short on 2 cores.
 
-The fault tests (a SuperNode SIGKILLed mid-run: the SuperLink notices only after its heartbeat timeout,
-~60 s) are marked slow; run them with `make test-slow`."""
+The killed-SuperNode test (the SuperLink notices a SIGKILLed node only after its heartbeat timeout, ~60 s;
+≈ 2.5 min in all) runs in `make test`: the issue asks for it there. Its twin below the minimum number of sites
+is marked slow (`make test-slow`); the same rule is tested in process in tests/test_federation.py."""
 
 from __future__ import annotations
 
@@ -186,7 +187,6 @@ def test_malformed_and_oversized_replies_are_rejected_and_logged(tmp_path, demo_
     assert ledger.count('"site-dropped"') == 2
 
 
-@pytest.mark.slow
 def test_killed_node_run_finishes_with_the_rest_and_restart_resumes_the_budget(tmp_path, demo_dir):
     from dpsynth.privacy.ledger import Ledger
 
