@@ -40,3 +40,18 @@ def save(name: str, result: dict) -> Path:
     print(json.dumps(result, indent=2, sort_keys=True))
     print(f"saved {path}", file=sys.stderr)
     return path
+
+
+def demo_frames(tmp: str | Path):
+    """Write the demo cohort under ``tmp``/data and return (data dir, schema, train frame, holdout frame)."""
+    import pandas as pd
+
+    from dpsynth.data.demo import demo_schema, write_demo
+    from dpsynth.schema import validate_frame
+
+    data = Path(tmp) / "data"
+    write_demo(data)
+    schema = demo_schema()
+    real = validate_frame(pd.read_csv(data / "train.csv"), schema, "train")
+    hold = validate_frame(pd.read_csv(data / "holdout.csv"), schema, "holdout")
+    return data, schema, real, hold

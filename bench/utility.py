@@ -96,20 +96,12 @@ def main() -> None:
     if a.one:
         print(json.dumps(one_run(float(a.one[0]), int(a.one[1]), Path(a.data), a.epochs, a.n_synthetic)))
         return
-    from _common import environment, save
-    from dpsynth.data.demo import demo_schema, write_demo
+    from _common import demo_frames, environment, save
     from dpsynth.metrics.utility import evaluate
-    from dpsynth.schema import validate_frame
-
-    import pandas as pd
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        write_demo(data)
-        schema = demo_schema()
-        real = validate_frame(pd.read_csv(data / "train.csv"), schema, "train")
-        hold = validate_frame(pd.read_csv(data / "holdout.csv"), schema, "holdout")
+        data, schema, real, hold = demo_frames(tmp)
         reference = evaluate(real, hold, hold, schema)["headline"]
         for eps in a.eps:
             for seed in a.seeds:

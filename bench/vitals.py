@@ -132,19 +132,11 @@ def main() -> None:
         print(json.dumps(one_run(a.one[0], float(a.one[1]), int(a.one[2]), Path(a.data), a.n_synthetic,
                                  json.loads(a.shares) if a.shares else None)))
         return
-    import pandas as pd
-
-    from _common import environment, save
-    from dpsynth.data.demo import demo_schema, write_demo
-    from dpsynth.schema import validate_frame
+    from _common import demo_frames, environment, save
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        write_demo(data)
-        schema = demo_schema()
-        real = validate_frame(pd.read_csv(data / "train.csv"), schema, "train")
-        hold = validate_frame(pd.read_csv(data / "holdout.csv"), schema, "holdout")
+        data, schema, real, hold = demo_frames(tmp)
         reference = {**column_stats(real, hold, schema), "bmi_raw": bmi_error(hold, schema)}
         for eps in a.eps:
             for variant in a.variants:
