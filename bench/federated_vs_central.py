@@ -28,8 +28,9 @@ def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int
     import numpy as np
     import torch
 
-    from dpsynth.models.flow import ConditionalFlow, FlowConfig, VitalsCodec, fill_vitals
-    from dpsynth.models.wgan import Critic, Generator, WGANConfig, sample_encoded
+    from dpsynth.generate import sample_patients
+    from dpsynth.models.flow import FlowConfig, new_flow
+    from dpsynth.models.wgan import Critic, Generator, WGANConfig
     from dpsynth.preprocess import Encoder
     from dpsynth.site import RunRequest, Site, SitePolicy
     from server.strategy import fedavg
@@ -46,8 +47,7 @@ def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int
     torch.manual_seed(seed)
     g = Generator(w.latent_dim, w.gen_hidden, enc.dim).state_dict()
     c = Critic(enc.dim, w.critic_hidden).state_dict()
-    codec = VitalsCodec(sites[0].schema, enc)
-    f = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig()).state_dict() if "flow" in models else None
+    f = new_flow(sites[0].schema, enc, FlowConfig())[0].state_dict() if "flow" in models else None
     t = time.time()
     for r in range(1, rounds + 1):
         outs = [s.train_round(r, g, c, wgan=w, flow_state=f) for s in sites]
@@ -59,15 +59,9 @@ def federated(data: Path, eps: float, rounds: int, local_epochs: int, batch: int
     fit = time.time() - t
     gen = Generator(w.latent_dim, w.gen_hidden, enc.dim)
     gen.load_state_dict(g)
-    x = sample_encoded(gen, enc, n_syn, w.latent_dim).numpy()
-    df = enc.inverse(x, rng=np.random.default_rng(seed))
-    if f is not None:
-        flow = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig())
-        flow.load_state_dict(f)
-        df = fill_vitals(flow, codec, df)
-    for con in sites[0].schema.constraints:
-        if con.enforce:
-            con.enforce_on(df, sites[0].schema)
+    flow, codec = new_flow(sites[0].schema, enc, FlowConfig(), f) if f is not None else (None, None)
+    df = sample_patients(sites[0].schema, enc, gen, w.latent_dim, n_syn, rng=np.random.default_rng(seed), flow=flow,
+                         codec=codec)
     eps_sites = {s.name: s.accountant.epsilon(s.plan.delta) for s in sites}
     return df, fit, eps_sites
 

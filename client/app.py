@@ -132,11 +132,10 @@ def train(msg: Message, context: Context) -> Message:
         c_in = wire.record_to_state(msg.content["critic"], c_t, who="coordinator", what="critic")
         f_in = flow_cfg = None
         if "flow" in msg.content:
-            from dpsynth.models.flow import ConditionalFlow, VitalsCodec
+            from dpsynth.models.flow import new_flow
 
             flow_cfg = wire.flow_from_json(str(cfg["flow"]))
-            codec = VitalsCodec(site.schema, enc)
-            f_t = ConditionalFlow(codec.dim, codec.cond_dim, flow_cfg).state_dict()
+            f_t = new_flow(site.schema, enc, flow_cfg)[0].state_dict()
             f_in = wire.record_to_state(msg.content["flow"], f_t, who="coordinator", what="flow")
         g, c, report, f = site.train_round(round_no, g_in, c_in, wgan=wgan, flow_state=f_in, flow_config=flow_cfg)
         if (f is None) != (f_in is None):

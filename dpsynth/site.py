@@ -36,7 +36,7 @@ import torch
 
 from .errors import BudgetExceededError, DataError, DpsynthError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
-from .models.flow import ConditionalFlow, FlowConfig, VitalsCodec, flow_epoch, make_private_flow
+from .models.flow import FlowConfig, flow_epoch, make_private_flow, new_flow
 from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_split
@@ -245,12 +245,9 @@ def local_flow_round(*, df: pd.DataFrame, schema: Schema, encoder: Encoder, x: n
     """``epochs`` local epochs of DP training of the vitals flow from the given weights (the same wiring and step
     as dpsynth.train: models.flow.make_private_flow + flow_epoch); never more than ``max_steps`` DP steps.
     Returns (flow state, DP steps taken, per-epoch mean NLL)."""
-    codec = VitalsCodec(schema, encoder)
     if seed is not None:
         torch.manual_seed(seed)
-    flow = ConditionalFlow(codec.dim, codec.cond_dim, config)
-    if flow_state is not None:
-        flow.load_state_dict(flow_state)
+    flow, codec = new_flow(schema, encoder, config, flow_state)
     gens = []
     for k in range(3):  # noise, Poisson sampling, dequantisation
         g = torch.Generator()

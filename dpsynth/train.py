@@ -43,7 +43,7 @@ from . import __version__
 from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
 from .models.dp import PerSampleLoss, make_private
-from .models.flow import ConditionalFlow, FlowConfig, VitalsCodec, flow_epoch
+from .models.flow import FlowConfig, flow_epoch, new_flow
 from .models.text import TOKENIZER_KIND, NoteLM, NoteTokenizer, TextConfig, text_epoch
 from .models.wgan import Critic, Generator, RealTermLoss, WGANConfig, wgan_step
 from .preprocess import Encoder
@@ -503,8 +503,7 @@ def train(
     text_losses: list[float] = []
     flow_done = 0
     if plan.flow_steps:
-        codec = VitalsCodec(schema, encoder)
-        flow = ConditionalFlow(codec.dim, codec.cond_dim, config.flow)
+        flow, codec = new_flow(schema, encoder, config.flow)
         flow_opt = torch.optim.Adam(flow.parameters(), lr=config.flow.lr)
         if st is not None:
             flow_done = st.get("flow_epochs_done", 0)
@@ -865,8 +864,7 @@ def load_flow(model_dir: str | os.PathLike, manifest: dict, schema: Schema, enco
     """The vitals flow of a model directory already checked by ``load_model``; (None, None) without one."""
     if "flow" not in manifest.get("models", []):
         return None, None
-    codec = VitalsCodec(schema, encoder)
-    flow = ConditionalFlow(codec.dim, codec.cond_dim, TrainConfig.from_json(manifest["training"]["config"]).flow)
+    flow, codec = new_flow(schema, encoder, TrainConfig.from_json(manifest["training"]["config"]).flow)
     load_weights(flow, Path(model_dir) / "flow.safetensors")
     return flow, codec
 

@@ -34,8 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from client import wire
 from dpsynth.io_utils import atomic_write_json
-from dpsynth.models.flow import ConditionalFlow, FlowConfig, VitalsCodec, fill_vitals
-from dpsynth.models.wgan import Critic, Generator, WGANConfig, sample_encoded
+from dpsynth.models.flow import FlowConfig, new_flow
+from dpsynth.models.wgan import Critic, Generator, WGANConfig
 from dpsynth.preprocess import Encoder
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.schema import Schema
@@ -320,21 +320,15 @@ class Coordinator:
     def candidate(self, schema: Schema, states: dict[str, dict]) -> Path:
         """The candidate release: the aggregated WGAN's records, then (when trained) the aggregated flow's
         continuous values conditioned on each record — the same chained patient as dpsynth.generate."""
+        from dpsynth.generate import sample_patients
+
         enc = Encoder(schema)
         w = self.s.wgan()
         g = Generator(w.latent_dim, w.gen_hidden, enc.dim)
         g.load_state_dict(states["generator"])
-        x = sample_encoded(g, enc, self.s.release_rows, w.latent_dim).numpy()
-        df = enc.inverse(x, rng=np.random.default_rng())
-        flow = None
-        if "flow" in states:
-            codec = VitalsCodec(schema, enc)
-            flow = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig())
-            flow.load_state_dict(states["flow"])
-            df = fill_vitals(flow, codec, df)
-        for con in schema.constraints:
-            if con.enforce:
-                con.enforce_on(df, schema)
+        flow, codec = new_flow(schema, enc, FlowConfig(), states["flow"]) if "flow" in states else (None, None)
+        df = sample_patients(schema, enc, g, w.latent_dim, self.s.release_rows, rng=np.random.default_rng(),
+                             flow=flow, codec=codec)
         cand = self.out / "candidate"
         cand.mkdir(parents=True, exist_ok=True)
         p = cand / "synthetic.csv"
@@ -391,8 +385,7 @@ class Coordinator:
             states = {"generator": Generator(w.latent_dim, w.gen_hidden, enc.dim).state_dict(),
                       "critic": Critic(enc.dim, w.critic_hidden).state_dict()}
             if "flow" in s.models:
-                codec = VitalsCodec(schema, enc)
-                states["flow"] = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig()).state_dict()
+                states["flow"] = new_flow(schema, enc, FlowConfig())[0].state_dict()
             templates = {k: {n: t.clone() for n, t in v.items()} for k, v in states.items()}
             for r in range(1, s.rounds + 1):
                 states = self.train_round(r, states, templates)

@@ -212,6 +212,16 @@ class VitalsCodec:
         return out
 
 
+def new_flow(schema: Schema, encoder: Encoder, config: FlowConfig | None = None,
+             state: dict | None = None) -> tuple[ConditionalFlow, VitalsCodec]:
+    """The flow for a schema (and its codec), with ``state`` loaded when given: the one place that sizes it."""
+    codec = VitalsCodec(schema, encoder)
+    flow = ConditionalFlow(codec.dim, codec.cond_dim, config or FlowConfig())
+    if state is not None:
+        flow.load_state_dict(state)
+    return flow, codec
+
+
 def flow_step(*, flow, optimizer, criterion, codec: VitalsCodec, batch, dequant: torch.Generator | None,
               private: bool) -> float:
     """One (DP when ``private``) step on a Poisson batch (u, obs, c). Returns the mean NLL."""
