@@ -184,6 +184,70 @@ Mean KS over {sm['n_compared']} of {sm['n_columns']} columns: {_fmt(sm['mean_ks'
 """
 
 
+_NOTE_SUMMARY = (  # key, label, what it means (no per-record content: only aggregates reach the report)
+    ("consistency", "condition consistency", ("macro balanced accuracy of classifiers trained on real notes, applied "
+                                              "to each synthetic note vs its own prompted record (0.5: no "
+                                              "information, 1: consistent)")),
+    ("consistency_ceiling", "consistency ceiling", "the same classifiers on real holdout notes vs their records"),
+    ("tstr_ratio", "note TSTR / TRTR", "macro AUC on real holdout notes: trained on synthetic / trained on real notes"),
+    ("two_sample_auc", "two-sample AUC", ("real holdout vs synthetic notes told apart by a classifier "
+                                          "(0.5: indistinguishable, 1: separable)")),
+    ("distinct_2_synthetic", "distinct-2 synthetic", "unique / total word bigrams (same sample size as real)"),
+    ("distinct_2_real", "distinct-2 real", "the same on real training notes"),
+    ("self_bleu_synthetic", "self-BLEU-4 synthetic", "each note against the others (higher: less diverse)"),
+    ("self_bleu_real", "self-BLEU-4 real", "the same on real training notes"),
+    ("perplexity_train", "perplexity (train)", "the note model's per-token perplexity on real training notes"),
+    ("perplexity_holdout", "perplexity (holdout)", "the same on real holdout notes"),
+    ("perplexity_gap", "perplexity holdout / train", "generalisation gap (1: none)"),
+)
+
+
+def _notes_section(result: dict) -> str:
+    n = result.get("notes")
+    if not n:
+        return ""
+    if "skipped" in n:
+        return f"<h2 id=notes>Notes</h2>\n<p>Note metrics not computed: {html.escape(str(n['skipped']))}</p>\n"
+    label = n.get("label") or ""
+    what = ""
+    if "rendered" in label.lower() or "not real clinical text" in label.lower():
+        what = ("<p class=warn>Rendered demonstration notes, not real clinical text (note column "
+                f"{html.escape(n['note_column'])}: {html.escape(label)})</p>")
+    elif label:
+        what = f"<p>Note column {html.escape(n['note_column'])}: {html.escape(label)}</p>"
+    sm = n["summary"]
+    rows = "".join(f"<tr><td>{html.escape(lab)}</td><td class=num>{_fmt(sm[k])}</td><td>{html.escape(desc)}</td></tr>"
+                   for k, lab, desc in _NOTE_SUMMARY if k in sm)
+    cons, ts = n["consistency"], n["tstr"]
+    cond_rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td class=num>{_fmt(e['balanced_accuracy'])}</td><td class=num>{_fmt(e['accuracy'])}</td>"
+        f"<td class=num>{_fmt(e['auc'])}</td><td class=num>{e['n_positive']} / {e['n']}</td>"
+        f"<td class=num>{_fmt(e['ceiling']['balanced_accuracy'])}</td><td class=num>{_fmt(e['ceiling']['auc'])}</td>"
+        f"<td class=num>{_fmt(ts['conditions'].get(c, {}).get('tstr_auc'))}</td>"
+        f"<td class=num>{_fmt(ts['conditions'].get(c, {}).get('trtr_auc'))}</td></tr>"
+        for c, e in cons["conditions"].items()
+    )
+    skipped = {**ts.get("skipped", {}), **cons.get("skipped", {})}
+    skip = ("<p>Conditions not evaluated: " + "; ".join(f"{html.escape(c)} ({html.escape(r)})" for c, r in skipped.items())
+            + ".</p>") if skipped else ""
+    ex = {k: v for k, v in cons.get("excluded_notes", {}).items() if v}
+    excl = ("<p>Empty or missing notes excluded: " + ", ".join(f"{html.escape(k)} {v}" for k, v in ex.items()) + ".</p>"
+            if ex else "")
+    two = n["two_sample"]
+    ci = two["ci"]
+    return f"""<h2 id=notes>Notes</h2>
+{what}
+<p>Only aggregate figures; no note is quoted. Classifiers: TF-IDF (word 1–2 grams + character 2–4 grams) logistic
+regression. Two-sample AUC {_fmt(two['auc'])} (95 % CI {_fmt(ci[0])}–{_fmt(ci[1])}, {two['n']['real']} notes a side).
+Consistency is the macro balanced accuracy (plain accuracy is inflated by rare conditions).</p>
+{excl}
+<table><tr><th>note metric</th><th>value</th><th>what it measures</th></tr>{rows}</table>
+<table><tr><th>condition</th><th>balanced acc. (synthetic)</th><th>accuracy</th><th>AUC</th><th>positives / notes</th>
+<th>balanced acc. (real holdout)</th><th>AUC (real holdout)</th><th>TSTR AUC</th><th>TRTR AUC</th></tr>{cond_rows}</table>
+{skip}
+"""
+
+
 def render_html(result: dict, *, title: str, context: dict | None = None) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td class=num>{_fmt(mt['value'])}</td><td>{mt['goal']}</td>"
@@ -219,6 +283,7 @@ th{{background:#f3f3f3}}td.num{{font-variant-numeric:tabular-nums;text-align:rig
 <h2>Plots</h2>
 {figs}
 {_vitals_section(result)}
+{_notes_section(result)}
 <details><summary>All figures as JSON</summary><pre>{html.escape(json.dumps(result['headline'], indent=2))}</pre></details>
 </body></html>
 """

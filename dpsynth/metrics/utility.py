@@ -352,7 +352,29 @@ def vitals(real: pd.DataFrame, syn: pd.DataFrame, schema: Schema, *, bins: int =
     }
 
 
-def evaluate(real: pd.DataFrame, holdout: pd.DataFrame, syn: pd.DataFrame, schema: Schema, label: str | None = None) -> dict:
+def notes_section(real: pd.DataFrame, holdout: pd.DataFrame, syn: pd.DataFrame, schema: Schema, *,
+                  note_model=None, note_tokenizer=None) -> dict | None:
+    """The note metrics (``metrics.notes.note_metrics``) when the schema has a text column that the synthetic
+    frame carries; None otherwise. Input the note metrics cannot use (several text columns, too few notes in a
+    frame) gives ``{"skipped": reason}`` instead of failing the whole evaluation. Perplexity only when the note
+    model and its tokenizer are given."""
+    from ..errors import DpsynthError
+    from .notes import note_metrics
+
+    texts = [c.name for c in schema.of_kind("text")]
+    if not texts or not any(t in syn.columns for t in texts):
+        return None
+    try:
+        return note_metrics(real, holdout, syn, schema, model=note_model, tokenizer=note_tokenizer)
+    except DpsynthError as e:
+        return {"skipped": str(e)}
+
+
+def evaluate(real: pd.DataFrame, holdout: pd.DataFrame, syn: pd.DataFrame, schema: Schema, label: str | None = None,
+             *, notes: bool = True, note_model=None, note_tokenizer=None) -> dict:
+    """Record metrics, the per-column vitals report and — when ``notes`` is set, the schema has a text column
+    and the synthetic frame carries it — the note metrics (``notes``; perplexity only with ``note_model`` and
+    ``note_tokenizer``). Callers that only read ``headline`` can pass ``notes=False`` to skip their cost."""
     label = label or schema.label
     metrics: list[Metric] = []
     metrics += dimension_wise(real, syn, schema)
@@ -363,10 +385,15 @@ def evaluate(real: pd.DataFrame, holdout: pd.DataFrame, syn: pd.DataFrame, schem
     if label:
         m1, m2, _ = tstr(real, holdout, syn, schema, label)
         metrics += [m1, m2]
-    return {
+    out = {
         "rows": {"real": len(real), "holdout": len(holdout), "synthetic": len(syn)},
         "label": label,
         "metrics": {m.name: m.to_json() for m in metrics},
         "headline": {m.name: m.value for m in metrics},
         "vitals": vitals(real, syn, schema),
     }
+    section = notes_section(real, holdout, syn, schema, note_model=note_model,
+                            note_tokenizer=note_tokenizer) if notes else None
+    if section is not None:
+        out["notes"] = section
+    return out
