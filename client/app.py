@@ -5,6 +5,7 @@ Node config (set by the hospital when it starts its SuperNode, never by the coor
   data-path    absolute path of the site's table (CSV / Parquet)
   site-dir     absolute path of the site's state directory (accountant, budget ledger)
   policy-path  the site's policy file (TOML): max ε, δ, allowed models, minimum patients, notes allowed
+               (the note model trains here only with allow_notes = true and "text" in allowed_models)
   schema-path  (optional) the reviewed schema; default: schema.json next to the data
   holdout-path (optional) the site's holdout for its audits; default: a fixed split of the site's file
   fault-inject (optional, testing only) "nan-weights" or "oversized": this site's training replies are made
@@ -12,7 +13,8 @@ Node config (set by the hospital when it starts its SuperNode, never by the coor
 
 Messages handled:
   query.hello     plan the run under the site's policy (σ calibrated up front), report schema hash + schema
-  train           one round: reserve the round's spend, local DP training, return weights + spend
+  train           one round: reserve the round's spend, local DP training of every planned model (generator +
+                  critic, flow, note model), return weights (ArrayRecords generator, critic, flow, text) + spend
   evaluate.audit  audit a candidate release against the site's own train/holdout; aggregates only
 
 Per-run state is mirrored in Flower's Context.state; the authoritative copy is the site file (a restarted
@@ -44,6 +46,8 @@ if not log.handlers:
     log.setLevel(logging.INFO)
 
 STATE_KEY = "dpsynth-site"
+# training losses are computed on the site's real patients, not DP outputs: they stay at the site (its log)
+LOCAL_ONLY = ("losses", "flow_nll", "text_nll")
 app = ClientApp()
 
 
@@ -91,7 +95,17 @@ def hello(msg: Message, context: Context) -> Message:
             local_epochs=int(req["local_epochs"]), batch_size=int(req["batch_size"]),
             models=[str(m) for m in req["models"]], delta=float(req.get("delta", 0.0)) or None,
             max_grad_norm=float(req.get("max_grad_norm", 1.0)),
+            text_epochs=int(req["text_epochs"]) if "text_epochs" in req else None,
+            text_batch_size=int(req["text_batch_size"]) if "text_batch_size" in req else None,
         )
+        if "text" in request.models and bool(req.get("drop_text_without_column", False)):
+            from dpsynth.train import text_column
+
+            try:
+                text_column(site.schema)
+            except DpsynthError as e:  # the coordinator drops "text" too once it sees the agreed schema
+                request.models = [m for m in request.models if m != "text"]
+                log.info("site %s: planning without the note model: %s", site.name, str(e).split(";")[0])
         reply = {"site": site.name, "schema_sha256": site.schema.hash(), "schema": site.schema.dumps()}
         if bool(req.get("check_schema_only", False)):
             return Message(RecordDict({"hello": ConfigRecord(reply)}), reply_to=msg)
@@ -130,27 +144,42 @@ def train(msg: Message, context: Context) -> Message:
         c_t = Critic(enc.dim, wgan.critic_hidden).state_dict()
         g_in = wire.record_to_state(msg.content["generator"], g_t, who="coordinator", what="generator")
         c_in = wire.record_to_state(msg.content["critic"], c_t, who="coordinator", what="critic")
-        f_in = flow_cfg = None
+        f_in = flow_cfg = t_in = text_cfg = None
         if "flow" in msg.content:
             from dpsynth.models.flow import new_flow
 
             flow_cfg = wire.flow_from_json(str(cfg["flow"]))
             f_t = new_flow(site.schema, enc, flow_cfg)[0].state_dict()
             f_in = wire.record_to_state(msg.content["flow"], f_t, who="coordinator", what="flow")
-        g, c, report, f = site.train_round(round_no, g_in, c_in, wgan=wgan, flow_state=f_in, flow_config=flow_cfg)
-        if (f is None) != (f_in is None):
+        if "text" in msg.content:
+            from dpsynth.models.text import NoteLM, NoteTokenizer
+
+            text_cfg = wire.text_from_json(str(cfg["text"]))
+            t_t = NoteLM.for_tokenizer(NoteTokenizer.from_schema(site.schema, max_len=text_cfg.max_len),
+                                       text_cfg).state_dict()
+            t_in = wire.record_to_state(msg.content["text"], t_t, who="coordinator", what="text")
+        planned = set(site.plan.models) if site.plan else set()
+        if ("flow" in planned) != (f_in is not None) or ("text" in planned) != (t_in is not None):
+            # checked before the round's spend is reserved: a mismatch costs the site nothing
             raise DpsynthError(f"site {site.name!r}: the coordinator's models do not match this site's plan "
-                               f"({site.plan.models if site.plan else None})")
+                               f"({sorted(planned)})")
+        g, c, report, f, t = site.train_round(round_no, g_in, c_in, wgan=wgan, flow_state=f_in, flow_config=flow_cfg,
+                                              text_state=t_in, text_config=text_cfg)
         _mirror_put(context, site)
         metrics = MetricRecord({
             "round": round_no, "steps": int(report["steps_round"]), "expected_batches": int(report["expected_batches"]),
             "epsilon": float(report["epsilon"]), "delta": float(report["delta"]),
             "noise_multiplier": float(report["noise_multiplier"]), "sample_rate": float(report["sample_rate"]),
             "seconds": time.time() - t0,
+            **({"text_steps": int(report["text_steps_round"]),
+                "text_expected_batches": int(report["text_expected_batches"])} if t is not None else {}),
         })
-        log.info("site %s: round %d done: %d DP steps, ε spent %.4f of cap %.4g (%.1f s)", site.name, round_no,
-                 report["steps_round"], report["epsilon"], report["cap"], time.time() - t0)
-        spend = wire.dumps(report)
+        log.info("site %s: round %d done: %d DP steps%s, ε spent %.4f of cap %.4g (%.1f s)", site.name, round_no,
+                 report["steps_round"], f" (+ {report['text_steps_round']} of the note model)" if t is not None else "",
+                 report["epsilon"], report["cap"], time.time() - t0)
+        log.info("site %s: round %d training losses (kept at the site): %s", site.name, round_no,
+                 {k: report.get(k) for k in LOCAL_ONLY})
+        spend = wire.dumps({k: v for k, v in report.items() if k not in LOCAL_ONLY})
         fault = str(context.node_config.get("fault-inject", ""))
         if fault:  # operator's test aid: corrupt only this site's own reply to check the coordinator rejects it
             log.warning("site %s: fault-inject=%s — sending a deliberately malformed reply", site.name, fault)
@@ -164,6 +193,8 @@ def train(msg: Message, context: Context) -> Message:
                "report": ConfigRecord({"site": site.name, "spend": spend})}
         if f is not None:
             out["flow"] = wire.state_to_record(f)
+        if t is not None:
+            out["text"] = wire.state_to_record(t)
         return Message(RecordDict(out), reply_to=msg)
     except Exception as e:  # noqa: BLE001
         return _error_reply(msg, name, e)

@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from dpsynth.models.flow import FlowConfig
+from dpsynth.models.text import TextConfig
 from dpsynth.models.wgan import WGANConfig
 
 MAX_WEIGHT_BYTES = 64 * 1024 * 1024  # per model
@@ -129,6 +130,21 @@ def flow_from_json(text: str) -> FlowConfig:
     if unknown:
         raise WireError(f"coordinator: unknown flow settings {sorted(unknown)}")
     return FlowConfig(**d)
+
+
+def text_to_json(t: TextConfig) -> str:
+    return dumps(asdict(t))
+
+
+def text_from_json(text: str) -> TextConfig:
+    d = loads(text, who="coordinator", what="text config")
+    unknown = set(d) - set(TextConfig.__dataclass_fields__)
+    if unknown:
+        raise WireError(f"coordinator: unknown note model settings {sorted(unknown)}")
+    try:
+        return TextConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise WireError(f"coordinator: invalid note model settings ({e})") from None
 
 
 def config(**kw) -> ConfigRecord:

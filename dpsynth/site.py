@@ -8,6 +8,21 @@ What lives in the site directory (``site-dir``, owned by the hospital):
                 the current run's plan (σ calibrated up front) and the rounds done — written atomically
   ledger.jsonl  hash-chained budget ledger: plan, reserve (= charge), round-complete, refusals, audits
 
+The models (request ``models``; the site trains the ones its policy allows, or refuses the run):
+  wgan  the structured record (DP-SGD of the critic)                     mechanism dp-sgd:wgan-critic
+  flow  the record's continuous measurements given the record            mechanism dp-sgd:flow
+  text  a note conditioned on the record (needs the schema's one ``text`` column, ``allow_notes = true`` and
+        "text" in ``allowed_models``)                                      mechanism dp-sgd:text
+All three train in the same rounds and are charged to the same accountant. The note model samples its own
+Poisson batches over the patients that have a note: q_text = 1/⌈n_notes/text_batch⌉, and it takes
+⌈text_epochs × ⌈n_notes/text_batch⌉ / rounds⌉ steps per round, so ``text_epochs`` is the note model's
+epochs over the whole run (as in ``dpsynth train``), spread evenly over the rounds.
+
+What a site discloses besides DP outputs (public metadata, as in the standard DP-SGD analysis): its number
+of training patients to within one batch (q = 1/⌈n/batch⌉ in its plan, its FedAvg weight) and, when it
+trains the note model, its number of patients with a note to within one text batch (q_text, the note
+model's FedAvg weight). Never an exact count, never anything about a patient's record.
+
 Budget governance (DESIGN.md §3):
   * the site's cap is ``min(consortium request, site policy max_epsilon)`` — the server cannot make a site
     spend more than its own policy allows;
@@ -37,16 +52,18 @@ import torch
 from .errors import BudgetExceededError, DataError, DpsynthError, PrivacyParameterError
 from .io_utils import atomic_write_json, read_json, sha256_file
 from .models.flow import FlowConfig, flow_epoch, make_private_flow, new_flow
+from .models.text import NoteLM, NoteTokenizer, TextConfig, make_private_text, text_epoch
 from .models.wgan import Critic, Generator, WGANConfig, make_private_critic, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_split
 from .privacy.ledger import Ledger
 from .schema import Schema, validate_frame
-from .train import CRITIC_MECHANISM, FLOW_MECHANISM, TrainConfig, check_privacy_args, default_delta
+from .train import (CRITIC_MECHANISM, FLOW_MECHANISM, TEXT_MECHANISM, TrainConfig, check_privacy_args,
+                    default_delta, text_column)
 
 STATE_FORMAT = "dpsynth-site-state/1"
 KNOWN_MODELS = ("wgan", "flow", "text")
-IMPLEMENTED_MODELS = ("wgan", "flow")
+IMPLEMENTED_MODELS = ("wgan", "flow", "text")
 
 
 class SitePolicyError(DpsynthError):
@@ -67,6 +84,8 @@ class SitePolicy:
     delta: float | None = None  # None: 1/(10·n) rounded down (dpsynth.train.default_delta)
     allowed_models: list[str] = field(default_factory=lambda: ["wgan", "flow"])
     min_patients: int = 500
+    # the hospital's switch for its clinical notes: only with allow_notes = true (and "text" in allowed_models)
+    # does the note model train on them; "text" in allowed_models with allow_notes = false is contradictory
     allow_notes: bool = False
     holdout_fraction: float = 0.2  # share of the site's file kept out of training for the site's audits
     name: str = "site-policy"
@@ -82,6 +101,12 @@ class SitePolicy:
         unknown = sorted(set(self.allowed_models) - set(KNOWN_MODELS))
         if unknown:
             raise SitePolicyError(f"{where}: unknown models {unknown} (known: {list(KNOWN_MODELS)})")
+        if not isinstance(self.allow_notes, bool):
+            raise SitePolicyError(f"{where}: allow_notes must be true or false, got {self.allow_notes!r}")
+        if "text" in self.allowed_models and not self.allow_notes:
+            raise SitePolicyError(f"{where}: allowed_models lists 'text' (the note model) but allow_notes is false; "
+                                  "set allow_notes = true to let the note model train on this site's notes, or "
+                                  "remove 'text' from allowed_models")
         if int(self.min_patients) != self.min_patients or self.min_patients < 1:
             raise SitePolicyError(f"{where}: min_patients must be a positive integer, got {self.min_patients!r}")
         if not 0 < self.holdout_fraction < 0.9:
@@ -129,9 +154,16 @@ class RunRequest:
     models: list[str]
     delta: float | None = None  # None / 0: the site's default
     max_grad_norm: float = 1.0
+    # the note model (only with "text" in models): its epochs over the whole run and its expected Poisson batch
+    # over the patients with a note (None: TextConfig's defaults)
+    text_epochs: int | None = None
+    text_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        for k in ("rounds", "local_epochs", "batch_size"):
+        self.text_epochs = TextConfig().epochs if self.text_epochs is None else self.text_epochs
+        self.text_batch_size = TextConfig().batch_size if self.text_batch_size is None else self.text_batch_size
+        for k in ("rounds", "local_epochs", "batch_size") + (("text_epochs", "text_batch_size")
+                                                             if "text" in self.models else ()):
             v = getattr(self, k)
             if int(v) != v or v < 1:
                 raise PrivacyParameterError(f"{k} must be a positive integer, got {v!r}")
@@ -161,9 +193,20 @@ class SitePlan:
     models: list[str]
     flow_noise_multiplier: float | None = None  # σ of the vitals flow's DP-SGD (None: no flow in this run)
     budget_shares: dict | None = None
+    # the note model (None / 0: no note model in this run). Its dataset is the patients with a note, n_notes;
+    # like the site size, n_notes is public metadata to within one text batch (text_steps_per_epoch =
+    # ⌈n_notes/text_batch_size⌉); the exact count is never sent.
+    text_noise_multiplier: float | None = None
+    text_sample_rate: float | None = None  # 1/⌈n_notes/text_batch_size⌉
+    text_batch_size: int = 0
+    text_epochs: int = 0  # over the whole run
+    text_steps_per_epoch: int = 0
+    text_steps_per_round: int = 0  # ⌈text_epochs × text_steps_per_epoch / rounds⌉
+    text_planned_steps: int = 0
 
     def public(self) -> dict:
-        """What the site tells the coordinator (no record-level information; steps_per_epoch ≈ n/batch)."""
+        """What the site tells the coordinator (no record-level information; steps_per_epoch ≈ n/batch,
+        text_steps_per_epoch ≈ n_notes/text batch)."""
         return asdict(self)
 
 
@@ -274,6 +317,73 @@ def local_flow_round(*, df: pd.DataFrame, schema: Schema, encoder: Encoder, x: n
     return state, taken[0], losses
 
 
+def note_values(df: pd.DataFrame, column: str) -> list:
+    """The note of every row, None where it is missing (those patients are not in the note model's dataset)."""
+    def missing(v) -> bool:
+        try:
+            return v is None or bool(pd.isna(v))
+        except (TypeError, ValueError):
+            return False
+
+    return [None if missing(v) else v for v in df[column].tolist()]
+
+
+def text_steps_per_epoch(n_notes: int, batch_size: int) -> int:
+    """⌈n_notes/batch⌉: the note model's Poisson rate is its inverse (exactly what Opacus' loader samples)."""
+    return math.ceil(n_notes / batch_size)
+
+
+def local_text_round(*, df: pd.DataFrame, schema: Schema, column: str, text_state: dict | None, config: TextConfig,
+                     batch_size: int, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
+                     max_steps: int, seed: int | None = None) -> tuple[dict, int, list[float]]:
+    """DP training of the note model from the given weights for exactly ``max_steps`` Poisson steps (the round's
+    reserved steps; passes over the notes are repeated or cut short to get there, never a step more).
+
+    The same wiring and step as dpsynth.train's note phase: NoteTokenizer.from_schema (byte-level + public
+    condition tokens; nothing fitted on the notes) → NoteLM.for_tokenizer(tok, config) → make_private_text
+    (per-patient clipping of the whole note, ghost clipping) → text_epoch, over the patients of ``df`` that have
+    a note (Poisson rate ``sample_rate`` = 1/⌈n_notes/batch_size⌉, checked against the loader's).
+    ``config.batch_size`` is not used: ``batch_size`` is the planned one. Returns (note model state, DP steps
+    taken, mean NLL per pass over the notes)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    tok = NoteTokenizer.from_schema(schema, max_len=config.max_len)
+    model = NoteLM.for_tokenizer(tok, config)
+    if text_state is not None:
+        model.load_state_dict(text_state)
+    gens = []
+    for k in range(2):  # noise, Poisson sampling
+        g = torch.Generator()
+        g.manual_seed(seed + k if seed is not None else _seed_from_os())
+        gens.append(g)
+    with warnings.catch_warnings():  # truncated / replaced notes are counted by the tokenizer, not shown here
+        warnings.simplefilter("ignore")
+        enc = tok.encode(df.reset_index(drop=True), note_values(df, column))
+    ids = np.ascontiguousarray(enc.ids[enc.present])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(ids)), batch_size=batch_size,
+                                         generator=gens[1])
+    train_text, opt, crit, dp_loader = make_private_text(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=config.lr), loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=gens[0])
+    if abs(dp_loader.sample_rate - sample_rate) > 1e-12:
+        raise DpsynthError(f"note model sampling rate mismatch: loader {dp_loader.sample_rate} vs plan {sample_rate}")
+    taken = [0]
+
+    def stepped() -> None:
+        taken[0] += 1
+
+    losses: list[float] = []
+    while taken[0] < max_steps:
+        ls = text_epoch(model=train_text, optimizer=opt, criterion=crit, loader=dp_loader, private=True,
+                        may_step=lambda: taken[0] < max_steps, stepped=stepped)
+        if not ls:
+            break
+        finite = [v for v in ls if not math.isnan(v)]
+        losses.append(float(np.mean(finite)) if finite else float("nan"))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return state, taken[0], losses
+
+
 # ------------------------------------------------------------------------------------------------
 # the site
 # ------------------------------------------------------------------------------------------------
@@ -363,9 +473,11 @@ class Site:
         if self._frames is None:
             from .data.io import read_table
 
-            df = validate_frame(read_table(self.data_path), self.schema, str(self.data_path))
+            df = validate_frame(self._with_note_column(read_table(self.data_path), self.data_path), self.schema,
+                                str(self.data_path))
             if self.holdout_path is not None:
-                hold = validate_frame(read_table(self.holdout_path), self.schema, str(self.holdout_path))
+                hold = validate_frame(self._with_note_column(read_table(self.holdout_path), self.holdout_path),
+                                      self.schema, str(self.holdout_path))
                 train = df
             else:
                 seed = int.from_bytes(hashlib.sha256(f"dpsynth-site-split:{self.name}".encode()).digest()[:8], "little")
@@ -376,6 +488,23 @@ class Site:
             self._frames = (train, hold)
         return self._frames
 
+    def _with_note_column(self, df: pd.DataFrame, path: Path) -> pd.DataFrame:
+        """A note column of the schema that the site's file lacks is named as such (the generic schema check
+        would only list it among missing columns)."""
+        for col in self.schema.of_kind("text"):
+            if col.name not in df.columns:
+                raise DataError(f"site {self.name!r}: the note column {col.name!r} (kind text in the schema) is missing "
+                                f"from {path}; this site cannot train or audit the note model — add the column "
+                                "(empty for patients without a note), or use a schema without it")
+        return df
+
+    def _note_column(self) -> str:
+        """The schema's one text column, or a refusal naming what is wrong."""
+        try:
+            return text_column(self.schema)
+        except DpsynthError as e:
+            self._refuse("plan", f"cannot train the note model: {e}", SitePolicyError)
+
     # ---- planning --------------------------------------------------------------------------------
     def plan_run(self, request: RunRequest) -> SitePlan:
         """Check the request against the policy and calibrate σ once for the whole run (idempotent per run)."""
@@ -385,12 +514,18 @@ class Site:
             return existing  # a restarted node continues the same run with the same calibration
         not_allowed = sorted(set(request.models) - set(self.policy.allowed_models))
         if not_allowed:
+            why = ("; allow_notes = false: this hospital's notes never train a model"
+                   if "text" in not_allowed and not self.policy.allow_notes else "")
             self._refuse("plan", f"models {not_allowed} are not allowed by the site policy "
-                                 f"(allowed: {self.policy.allowed_models})", SitePolicyError)
+                                 f"(allowed: {self.policy.allowed_models}{why})", SitePolicyError)
         unsupported = sorted(set(request.models) - set(IMPLEMENTED_MODELS))
         if unsupported:
             self._refuse("plan", f"models {unsupported} are not implemented yet", SitePolicyError)
-        train, _ = self.frames()
+        note_col = self._note_column() if "text" in request.models else None
+        try:
+            train, _ = self.frames()
+        except DataError as e:
+            self._refuse("plan", str(e).removeprefix(f"site {self.name!r}: "), DataError)
         n = len(train)
         if n < self.policy.min_patients:
             self._refuse("plan", f"{n} training patients is below the site policy's minimum of "
@@ -420,18 +555,34 @@ class Site:
         parts = [(CRITIC_MECHANISM, q, planned, shares["wgan"])]
         if "flow" in request.models:  # the flow trains the same local epochs in the same rounds
             parts.append((FLOW_MECHANISM, q, planned, shares["flow"]))
+        text = {}
+        if note_col is not None:  # the note model: its own Poisson rate over the patients with a note
+            n_notes = sum(v is not None for v in note_values(train, note_col))
+            if n_notes < request.text_batch_size:
+                self._refuse("plan", f"only {n_notes} training patients have a note in column {note_col!r}, fewer "
+                                     f"than one expected text batch ({request.text_batch_size}); DP-SGD needs many "
+                                     "batches — a smaller text batch size, or a run without text", DataError)
+            t_spe = text_steps_per_epoch(n_notes, request.text_batch_size)
+            t_round = math.ceil(request.text_epochs * t_spe / request.rounds)
+            text = {"text_sample_rate": 1.0 / t_spe, "text_batch_size": request.text_batch_size,
+                    "text_epochs": request.text_epochs, "text_steps_per_epoch": t_spe,
+                    "text_steps_per_round": t_round, "text_planned_steps": t_round * request.rounds}
+            parts.append((TEXT_MECHANISM, text["text_sample_rate"], text["text_planned_steps"], shares["text"]))
         try:
             sigmas = calibrate_split(target_epsilon=target, delta=delta, parts=parts, prior=acc)
         except (PrivacyParameterError, BudgetExceededError) as e:
             self._refuse("plan", f"cannot plan within the remaining budget: {e}", BudgetExceededError)
+        by_name = {name: sg for (name, *_), sg in zip(parts, sigmas)}
         sigma = sigmas[0]
-        flow_sigma = sigmas[1] if len(sigmas) > 1 else None
+        flow_sigma = by_name.get(FLOW_MECHANISM)
+        if note_col is not None:
+            text["text_noise_multiplier"] = by_name[TEXT_MECHANISM]
         plan = SitePlan(run_id=request.run_id, epsilon=target, requested_epsilon=float(request.epsilon), policy_cap=cap,
                         delta=delta, rounds=request.rounds, local_epochs=request.local_epochs,
                         batch_size=request.batch_size, steps_per_epoch=steps_per_epoch, steps_per_round=steps_per_round,
                         planned_steps=planned, sample_rate=q, noise_multiplier=sigma,
                         max_grad_norm=float(request.max_grad_norm), prior_epsilon=prior, models=list(request.models),
-                        flow_noise_multiplier=flow_sigma, budget_shares=shares)
+                        flow_noise_multiplier=flow_sigma, budget_shares=shares, **text)
         self._state["plan"] = asdict(plan)
         self._state["rounds"] = []
         self._state["data_sha256"] = sha256_file(self.data_path)
@@ -457,6 +608,9 @@ class Site:
         mechs = [Mechanism(CRITIC_MECHANISM, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
         if plan.flow_noise_multiplier is not None:
             mechs.append(Mechanism(FLOW_MECHANISM, plan.flow_noise_multiplier, plan.sample_rate, plan.steps_per_round))
+        if plan.text_noise_multiplier is not None:
+            mechs.append(Mechanism(TEXT_MECHANISM, plan.text_noise_multiplier, plan.text_sample_rate,
+                                   plan.text_steps_per_round))
         acc = self.accountant
         eps_after = acc.epsilon(plan.delta, mechs)
         if eps_after > cap * (1 + 1e-6):
@@ -468,26 +622,33 @@ class Site:
         res = {"run_id": plan.run_id, "round": int(round_no), "steps": plan.steps_per_round,
                "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                "flow_noise_multiplier": plan.flow_noise_multiplier,
+               "text_steps": plan.text_steps_per_round, "text_noise_multiplier": plan.text_noise_multiplier,
+               "text_sample_rate": plan.text_sample_rate,
                "epsilon_after": eps_after, "delta": plan.delta, "model": "+".join(plan.models)}
         self._state.setdefault("rounds", []).append({**res, "status": "reserved"})
         self._save_state()  # on disk before the first step
         self.ledger.append("reserve", res)
         return res
 
-    def complete(self, reservation: dict, steps_taken: int, seconds: float, flow_steps_taken: int = 0) -> None:
-        for taken in (steps_taken, flow_steps_taken):
-            if taken > reservation["steps"]:
-                raise BudgetExceededError(f"site {self.name!r}: took {taken} steps, reserved {reservation['steps']}")
+    def complete(self, reservation: dict, steps_taken: int, seconds: float, flow_steps_taken: int = 0,
+                 text_steps_taken: int = 0) -> None:
+        for taken, reserved in ((steps_taken, reservation["steps"]), (flow_steps_taken, reservation["steps"]),
+                                (text_steps_taken, reservation.get("text_steps") or 0)):
+            if taken > reserved:
+                raise BudgetExceededError(f"site {self.name!r}: took {taken} steps, reserved {reserved}")
         for r in reversed(self._state["rounds"]):
             if r["round"] == reservation["round"] and r["status"] == "reserved":
                 r["status"] = "complete"
                 r["steps_taken"] = int(steps_taken)
                 r["flow_steps_taken"] = int(flow_steps_taken)
+                r["text_steps_taken"] = int(text_steps_taken)
                 break
         self._save_state()
         self.ledger.append("round-complete", {"run_id": reservation["run_id"], "round": reservation["round"],
                                               "steps_reserved": reservation["steps"], "steps_taken": int(steps_taken),
-                                              "flow_steps_taken": int(flow_steps_taken), "seconds": round(seconds, 2)})
+                                              "flow_steps_taken": int(flow_steps_taken),
+                                              "text_steps_reserved": int(reservation.get("text_steps") or 0),
+                                              "text_steps_taken": int(text_steps_taken), "seconds": round(seconds, 2)})
 
     def spend(self) -> dict:
         """The site's spend so far, as reported to the coordinator (ε, δ, steps, σ, q per mechanism)."""
@@ -508,9 +669,11 @@ class Site:
     # ---- a whole round ---------------------------------------------------------------------------
     def train_round(self, round_no: int, generator_state, critic_state, *, wgan: WGANConfig,
                     flow_state: dict | None = None, flow_config: FlowConfig | None = None,
-                    seed: int | None = None) -> tuple[dict, dict, dict, dict | None]:
-        """Reserve, then train the round's local epochs of every planned model from the coordinator's weights.
-        Returns (generator state, critic state, report, flow state or None)."""
+                    text_state: dict | None = None, text_config: TextConfig | None = None,
+                    seed: int | None = None) -> tuple[dict, dict, dict, dict | None, dict | None]:
+        """Reserve, then train the round's local epochs of every planned model from the coordinator's weights
+        (the note model: its planned steps per round). Returns (generator state, critic state, report, flow state
+        or None, note model state or None)."""
         import time
 
         plan = self.plan
@@ -521,6 +684,12 @@ class Site:
         x, _clipped = encoder.transform(train)
         if math.ceil(len(x) / plan.batch_size) != plan.steps_per_epoch:
             self._refuse("round", "the number of training batches changed since the plan", DataError)
+        note_col = None
+        if plan.text_noise_multiplier is not None:
+            note_col = self._note_column()
+            n_notes = sum(v is not None for v in note_values(train, note_col))
+            if text_steps_per_epoch(n_notes, plan.text_batch_size) != plan.text_steps_per_epoch:
+                self._refuse("round", "the number of note batches changed since the plan", DataError)
         res = self.reserve(round_no)
         t0 = time.time()
         g, c, steps, losses = local_dp_round(
@@ -535,13 +704,23 @@ class Site:
                 config=flow_config or FlowConfig(), epochs=plan.local_epochs, batch_size=plan.batch_size,
                 noise_multiplier=plan.flow_noise_multiplier, max_grad_norm=plan.max_grad_norm, max_steps=res["steps"],
                 seed=None if seed is None else seed + 10)
-        self.complete(res, steps, time.time() - t0, flow_steps)
+        t_out, text_steps, text_losses = None, 0, []
+        if note_col is not None:
+            t_out, text_steps, text_losses = local_text_round(
+                df=train, schema=self.schema, column=note_col, text_state=text_state, config=text_config or TextConfig(),
+                batch_size=plan.text_batch_size, sample_rate=plan.text_sample_rate,
+                noise_multiplier=plan.text_noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                max_steps=res["text_steps"], seed=None if seed is None else seed + 20)
+        self.complete(res, steps, time.time() - t0, flow_steps, text_steps)
         report = {**self.spend(), "round": int(round_no), "steps_round": int(steps), "flow_steps_round": int(flow_steps),
                   "expected_batches": plan.steps_per_round, "noise_multiplier": plan.noise_multiplier,
                   "flow_noise_multiplier": plan.flow_noise_multiplier,
                   "sample_rate": plan.sample_rate, "losses": losses[-1] if losses else {},
-                  "flow_nll": flow_losses[-1] if flow_losses else None}
-        return g, c, report, f_out
+                  "flow_nll": flow_losses[-1] if flow_losses else None,
+                  "text_steps_round": int(text_steps), "text_expected_batches": plan.text_steps_per_round,
+                  "text_noise_multiplier": plan.text_noise_multiplier, "text_sample_rate": plan.text_sample_rate,
+                  "text_nll": text_losses}
+        return g, c, report, f_out, t_out
 
     # ---- audit of a candidate release ------------------------------------------------------------
     def dp_facts(self) -> dict:
@@ -551,11 +730,15 @@ class Site:
         acc = self.accountant
         sgd = [m for m in acc.history if m.mechanism == CRITIC_MECHANISM]
         flow = [m for m in acc.history if m.mechanism == FLOW_MECHANISM]
+        text = [m for m in acc.history if m.mechanism == TEXT_MECHANISM]
         return {
             "differentially_private": True,
             "models": list(plan.models),
             "flow_noise_multiplier": plan.flow_noise_multiplier,
             "flow_steps": sum(m.steps for m in flow if m.noise_multiplier == plan.flow_noise_multiplier),
+            "text_noise_multiplier": plan.text_noise_multiplier,
+            "text_sample_rate": plan.text_sample_rate,
+            "text_steps": sum(m.steps for m in text if m.noise_multiplier == plan.text_noise_multiplier),
             "epsilon": acc.epsilon(plan.delta),
             "delta": plan.delta,
             "unit": "patient",

@@ -3,11 +3,16 @@
   1. wait for the sites (SuperNodes) to be online; at least ``min-sites`` must take part
   2. query.hello  → every site plans the run under its own policy (ε = min(request, site cap), σ calibrated
                    up front for rounds × local epochs) and reports its schema; schema agreement by hash —
-                   a mismatch stops the run before any training, naming the site and the differing columns
+                   a mismatch stops the run before any training, naming the site and the differing columns.
+                   When the models include the note model ("text"), "text" is dropped, with a logged note,
+                   when the agreed schema has no single text column (every site holding that schema plans
+                   without it), so the default model list can name it
   3. rounds      → train: sites reserve the round's spend, train locally with DP-SGD, return weights + spend;
-                   FedAvg of generator and critic weighted by expected batch counts; the consortium ledger
-                   records every site's reported spend and is printed each round
-  4. candidate   → the server samples a candidate release from the aggregated generator
+                   FedAvg of each model (generator, critic, flow, note model) weighted by each site's expected
+                   batches of that model; the consortium ledger records every site's reported spend and is
+                   printed each round
+  4. candidate   → the server samples a candidate release from the aggregated models: the chained patient
+                   (record → vitals → note), with the models and the note tokenizer kept in candidate/
   5. evaluate.audit → every site audits the candidate against its own train/holdout (aggregates only)
   6. gate        → the worst site decides; only on PASS is the bundle written and signed
 Faults: a site that errors, times out, disappears or sends a malformed / oversized message is dropped (and
@@ -33,8 +38,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client import wire
+from dpsynth.errors import DpsynthError
 from dpsynth.io_utils import atomic_write_json
 from dpsynth.models.flow import FlowConfig, new_flow
+from dpsynth.models.text import NoteLM, NoteTokenizer, TextConfig
 from dpsynth.models.wgan import Critic, Generator, WGANConfig
 from dpsynth.preprocess import Encoder
 from dpsynth.privacy.ledger import Ledger
@@ -58,6 +65,14 @@ SITE_SIZE_DISCLOSURE = (
     "fixes the Poisson sampling rate q in the site's plan and the FedAvg weight (expected batches per round). "
     "The guarantee (ε, δ) protects every patient's record, not the site's size."
 )
+# Decision (issue 7): the number of a site's patients that have a note (n_notes) is public metadata in the same
+# way: the note model's own Poisson rate q_text = 1/⌈n_notes/text batch⌉ is in the site's plan and its FedAvg
+# weight is its expected note batches per round. Both reveal n_notes to within one text batch, nothing more.
+NOTES_COUNT_DISCLOSURE = (
+    " When the note model is trained, each site's number of training patients with a note, rounded up to the "
+    "note model's expected batch size, is public in the same way (the note model's sampling rate and FedAvg "
+    "weight)."
+)
 
 
 @dataclass
@@ -67,7 +82,9 @@ class RunSettings:
     rounds: int = 20  # the measured setting (bench/federated_vs_central.py); pyproject's app config repeats it
     local_epochs: int = 6
     batch_size: int = 512
-    models: tuple[str, ...] = ("wgan", "flow")
+    # the note model ("text") is dropped by the coordinator, with a logged note, when the agreed schema has no
+    # text column (so this default works for data with and without notes)
+    models: tuple[str, ...] = ("wgan", "flow", "text")
     release_rows: int = 5000
     min_sites: int = 2
     expected_sites: int = 3
@@ -83,6 +100,14 @@ class RunSettings:
     latent_dim: int = 128
     gen_hidden: int = 256
     critic_hidden: int = 128
+    # the note model; 0 = dpsynth.models.text.TextConfig's default. text-epochs are the note model's epochs
+    # over the whole run (as in `dpsynth train`), spread evenly over the rounds
+    text_epochs: int = 0
+    text_batch_size: int = 0
+    text_d_model: int = 0
+    text_layers: int = 0
+    text_heads: int = 0
+    text_max_len: int = 0
 
     @classmethod
     def from_run_config(cls, rc: dict) -> "RunSettings":
@@ -109,10 +134,25 @@ class RunSettings:
             setattr(s, f, v)
         if s.min_sites < 1 or s.expected_sites < s.min_sites:
             raise ConsortiumError(f"need 1 ≤ min-sites ≤ expected-sites, got {s.min_sites}, {s.expected_sites}")
+        for f in TEXT_KEYS:
+            if getattr(s, f) < 0:
+                raise ConsortiumError(f"run-config {f.replace('_', '-')} must be ≥ 0 (0: the default), got "
+                                      f"{getattr(s, f)}")
+        try:
+            s.text()
+        except ValueError as e:
+            raise ConsortiumError(f"run-config text-*: {e}") from None
         return s
 
     def wgan(self) -> WGANConfig:
         return WGANConfig(latent_dim=self.latent_dim, gen_hidden=self.gen_hidden, critic_hidden=self.critic_hidden)
+
+    def text(self) -> TextConfig:
+        """The note model's settings: the run config's text-* keys, TextConfig's defaults where 0."""
+        return TextConfig(**{f.removeprefix("text_"): getattr(self, f) for f in TEXT_KEYS if getattr(self, f)})
+
+
+TEXT_KEYS = ("text_epochs", "text_batch_size", "text_d_model", "text_layers", "text_heads", "text_max_len")
 
 
 def _setup_logging(out: Path) -> None:
@@ -216,12 +256,20 @@ class Coordinator:
         return nodes
 
     def hello(self, nodes: list[int]) -> tuple[str, Schema]:
+        """Every site's plan and schema; schema agreement. With the note model requested, a site whose schema has
+        no (single) text column plans without it (``drop_text_without_column``: one round trip, not two), and the
+        coordinator drops "text" from the run, with a logged note, when the agreed schema has none."""
+        t = self.s.text()
+        with_text = "text" in self.s.models
         req = wire.config(run_id=self.run_id, epsilon=self.s.epsilon, delta=self.s.delta, rounds=self.s.rounds,
                           local_epochs=self.s.local_epochs, batch_size=self.s.batch_size, models=list(self.s.models),
-                          max_grad_norm=self.s.max_grad_norm)
+                          max_grad_norm=self.s.max_grad_norm, drop_text_without_column=with_text or None,
+                          text_epochs=t.epochs if with_text else None,
+                          text_batch_size=t.batch_size if with_text else None)
         replies = self.exchange({n: RecordDict({"request": req}) for n in nodes}, wire.HELLO, "hello",
                                 self.s.round_timeout)
         schemas: dict[str, tuple[str, str]] = {}
+        plans: dict[int, dict] = {}
         for n in nodes:
             self.sites[n] = f"node-{n}"
             r = replies[n]
@@ -239,36 +287,87 @@ class Coordinator:
                     for k in ("epsilon", "delta", "noise_multiplier", "sample_rate"):
                         wire.finite_number(plan[k], who=site, what=f"plan.{k}", lo=0)
                     self.spend[site] = {**spend, "plan": plan}
-                    self.ledger.append("site-plan", {"site": site, "run_id": self.run_id, **{
-                        k: plan[k] for k in ("epsilon", "requested_epsilon", "policy_cap", "delta", "noise_multiplier",
-                                             "sample_rate", "planned_steps", "steps_per_round")},
-                        "prior_epsilon": plan["prior_epsilon"], "site_ledger_head": spend.get("ledger_head")})
-                    capped = " (capped by the site's policy)" if plan["epsilon"] < plan["requested_epsilon"] else ""
-                    log.info("site %s: ε target %.4g%s, δ %.3g, σ %.4g, q %.4g, %d planned DP steps, already spent "
-                             "ε %.4g", site, plan["epsilon"], capped, plan["delta"], plan["noise_multiplier"],
-                             plan["sample_rate"], plan["planned_steps"], plan["prior_epsilon"])
+                    plans[n] = plan
                 except (KeyError, TypeError, ValueError) as e:
                     prob = f"malformed hello reply rejected: {e}"
+            elif not isinstance(r, str) and not r.has_error() and "error" in r.content:
+                named = str(r.content["error"].get("site", ""))  # a refusal names its site: log it by that name
+                if named and named not in self.sites.values():
+                    self.sites[n] = named
             if prob is not None:
                 self.drop(n, prob)
         if schemas:
             ref_hash, ref_json = check_schema_agreement(schemas)  # raises ConsortiumError naming the sites
         self.require_quorum("planning")
+        schema = Schema.from_json(wire.loads(ref_json, who="sites", what="schema"), where="agreed schema")
+        if with_text:
+            self.settle_models(schema)
+        for n, plan in plans.items():
+            site = self.sites[n]
+            try:
+                self._check_plan(site, plan)
+            except (KeyError, TypeError, ValueError) as e:
+                self.drop(n, f"malformed hello reply rejected: {e}")
+                continue
+            self.ledger.append("site-plan", {"site": site, "run_id": self.run_id, **{
+                k: plan[k] for k in ("epsilon", "requested_epsilon", "policy_cap", "delta", "noise_multiplier",
+                                     "sample_rate", "planned_steps", "steps_per_round", "models")},
+                **{k: plan.get(k) for k in ("text_noise_multiplier", "text_sample_rate", "text_planned_steps",
+                                            "text_steps_per_round") if "text" in self.s.models},
+                "prior_epsilon": plan["prior_epsilon"], "site_ledger_head": self.spend[site].get("ledger_head")})
+            capped = " (capped by the site's policy)" if plan["epsilon"] < plan["requested_epsilon"] else ""
+            log.info("site %s: ε target %.4g%s, δ %.3g, σ %.4g, q %.4g, %d planned DP steps, already spent "
+                     "ε %.4g", site, plan["epsilon"], capped, plan["delta"], plan["noise_multiplier"],
+                     plan["sample_rate"], plan["planned_steps"], plan["prior_epsilon"])
+            if "text" in self.s.models:
+                log.info("site %s: note model σ %.4g, q %.4g, %d DP steps per round", site,
+                         plan["text_noise_multiplier"], plan["text_sample_rate"], plan["text_steps_per_round"])
+        self.require_quorum("planning")
         log.info("schema agreement: %d sites hold schema sha256 %s…", len(schemas), ref_hash[:16])
         self.ledger.append("schema-agreed", {"sha256": ref_hash, "sites": sorted(schemas), "run_id": self.run_id})
-        return ref_json, Schema.from_json(wire.loads(ref_json, who="sites", what="schema"), where="agreed schema")
+        return ref_json, schema
+
+    def _check_plan(self, site: str, plan: dict) -> None:
+        """A site's plan must cover exactly the run's models (after settle_models), with finite parameters."""
+        if sorted(plan.get("models") or []) != sorted(self.s.models):
+            raise wire.WireError(f"{site}: planned models {plan.get('models')} differ from the run's "
+                                 f"{list(self.s.models)}")
+        if "text" in self.s.models:
+            for k in ("text_noise_multiplier", "text_sample_rate"):
+                wire.finite_number(plan.get(k), who=site, what=f"plan.{k}", lo=0)
+            for k in ("text_steps_per_round", "text_planned_steps"):
+                wire.finite_number(plan.get(k), who=site, what=f"plan.{k}", lo=1)
+
+    def settle_models(self, schema: Schema) -> None:
+        """Drop the note model, with a logged note, when the agreed schema cannot condition one (no single text
+        column); every site with that schema has planned without it."""
+        from dpsynth.train import text_column
+
+        try:
+            col = text_column(schema)
+        except DpsynthError as e:
+            self.s.models = tuple(m for m in self.s.models if m != "text")
+            why = str(e).split(";")[0]
+            log.warning("note model dropped from this run (models now %s): %s", ",".join(self.s.models), why)
+            self.ledger.append("model-dropped", {"run_id": self.run_id, "model": "text", "reason": why})
+            return
+        t = self.s.text()
+        log.info("note model: column %r of the agreed schema; d_model %d, %d layer(s), max_len %d, %d epoch(s) over "
+                 "the run, expected text batch %d", col, t.d_model, t.layers, t.max_len, t.epochs, t.batch_size)
 
     def train_round(self, r: int, states: dict[str, dict], templates: dict[str, dict]) -> dict[str, dict]:
-        """One round: send every model's weights (generator, critic, and flow when planned), collect the sites'
-        updates, check them, FedAvg each model. Returns the aggregated states."""
+        """One round: send every model's weights (generator, critic, and flow / note model when planned), collect
+        the sites' updates, check them, FedAvg each model weighted by the site's expected batches of that model
+        (the note model: its own expected note batches per round). Returns the aggregated states."""
         cfg = wire.config(round=r, wgan=wire.wgan_to_json(self.s.wgan()),
-                          flow=wire.flow_to_json(FlowConfig()) if "flow" in states else None)
+                          flow=wire.flow_to_json(FlowConfig()) if "flow" in states else None,
+                          text=wire.text_to_json(self.s.text()) if "text" in states else None)
         contents = {n: RecordDict({**{k: wire.state_to_record(v) for k, v in states.items()}, "config": cfg})
                     for n in self.sites}
         t = time.time()
         replies = self.exchange(contents, wire.TRAIN, f"round-{r}", self.s.round_timeout)
         updates: dict[str, list[dict]] = {k: [] for k in states}
-        weights = []
+        weights: dict[str, list[float]] = {k: [] for k in states}
         rows = []
         for n, reply in replies.items():
             site = self.sites[n]
@@ -286,6 +385,14 @@ class Coordinator:
                         raise wire.WireError(f"{site}: reported ε {eps} above its own plan {plan['epsilon']}")
                     if not 0 <= steps <= plan["steps_per_round"]:
                         raise wire.WireError(f"{site}: reported {steps} steps, planned {plan['steps_per_round']}")
+                    tw, t_steps = None, 0
+                    if "text" in states:
+                        tw = wire.finite_number(m["text_expected_batches"], who=site, what="text_expected_batches",
+                                                lo=1, hi=plan["text_steps_per_round"])
+                        t_steps = int(m["text_steps"])
+                        if not 0 <= t_steps <= plan["text_steps_per_round"]:
+                            raise wire.WireError(f"{site}: reported {t_steps} note model steps, planned "
+                                                 f"{plan['text_steps_per_round']}")
                     rep = wire.loads(reply.content["report"]["spend"], who=site, what="spend report")
                 except (KeyError, TypeError, ValueError) as e:
                     prob = f"malformed reply rejected: {e}"
@@ -294,22 +401,24 @@ class Coordinator:
                 continue
             for k, v in got.items():
                 updates[k].append(v)
-            weights.append(w)
-            entry = {"site": site, "round": r, "run_id": self.run_id, "model": "wgan", "epsilon": eps,
+                weights[k].append(tw if k == "text" else w)
+            entry = {"site": site, "round": r, "run_id": self.run_id, "model": "+".join(self.s.models), "epsilon": eps,
                      "delta": float(m["delta"]), "steps_round": steps, "steps_total": int(rep.get("steps", 0)),
                      "noise_multiplier": float(m["noise_multiplier"]), "sample_rate": float(m["sample_rate"]),
                      "expected_batches": w, "site_ledger_head": rep.get("ledger_head"), "cap": rep.get("cap"),
                      "mechanisms": rep.get("mechanisms")}
+            if tw is not None:
+                entry.update({"text_steps_round": t_steps, "text_expected_batches": tw})
             self.ledger.append("site-spend", entry)
             self.spend[site].update({k: entry[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate")})
             self.spend[site]["steps"] = entry["steps_total"]
             self.spend[site]["ledger_head"] = entry["site_ledger_head"]
             rows.append(entry)
         self.require_quorum(f"round {r}")
-        agg = {k: fedavg(v, weights) for k, v in updates.items()}
+        agg = {k: fedavg(v, weights[k]) for k, v in updates.items()}
         self.rounds_done = r
-        log.info("round %d/%d: %s aggregated from %d site(s) in %.1f s (FedAvg weights = expected batches)", r,
-                 self.s.rounds, ", ".join(agg), len(weights), time.time() - t)
+        log.info("round %d/%d: %s aggregated from %d site(s) in %.1f s (FedAvg weights = expected batches of each "
+                 "model)", r, self.s.rounds, ", ".join(agg), len(weights["generator"]), time.time() - t)
         log.info("consortium ledger after round %d:", r)
         log.info("  %-10s %10s %10s %10s %10s %8s %8s", "site", "ε spent", "ε cap", "δ", "σ", "q", "steps")
         for e in sorted(rows, key=lambda e: e["site"]):
@@ -319,7 +428,9 @@ class Coordinator:
 
     def candidate(self, schema: Schema, states: dict[str, dict]) -> Path:
         """The candidate release: the aggregated WGAN's records, then (when trained) the aggregated flow's
-        continuous values conditioned on each record — the same chained patient as dpsynth.generate."""
+        continuous values conditioned on each record, then (when trained) the aggregated note model's note
+        conditioned on record + vitals — the same chained patient as dpsynth.generate. The models (and the note
+        tokenizer) are kept next to it in candidate/."""
         from dpsynth.generate import sample_patients
 
         enc = Encoder(schema)
@@ -329,6 +440,21 @@ class Coordinator:
         flow, codec = new_flow(schema, enc, FlowConfig(), states["flow"]) if "flow" in states else (None, None)
         df = sample_patients(schema, enc, g, w.latent_dim, self.s.release_rows, rng=np.random.default_rng(),
                              flow=flow, codec=codec)
+        text = tok = None
+        if "text" in states:  # as dpsynth.generate.generate: notes conditioned on the finished record + vitals
+            from dpsynth.generate import clean_note
+            from dpsynth.models.text import sample_notes
+            from dpsynth.train import text_column
+
+            cfg = self.s.text()
+            tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
+            text = NoteLM.for_tokenizer(tok, cfg)
+            text.load_state_dict(states["text"])
+            text.eval()
+            gen = torch.Generator()
+            gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+            notes = sample_notes(text, tok, df, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+            df[text_column(schema)] = [clean_note(t) for t in notes]
         cand = self.out / "candidate"
         cand.mkdir(parents=True, exist_ok=True)
         p = cand / "synthetic.csv"
@@ -339,6 +465,9 @@ class Coordinator:
         save_weights(g, cand / "generator.safetensors")
         if flow is not None:
             save_weights(flow, cand / "flow.safetensors")
+        if text is not None:
+            save_weights(text, cand / "text.safetensors")
+            atomic_write_json(cand / "tokenizer.json", tok.to_json())
         return p
 
     def audit(self, syn_path: Path, policy) -> dict[str, dict]:
@@ -386,13 +515,17 @@ class Coordinator:
                       "critic": Critic(enc.dim, w.critic_hidden).state_dict()}
             if "flow" in s.models:
                 states["flow"] = new_flow(schema, enc, FlowConfig())[0].state_dict()
+            if "text" in s.models:
+                t = s.text()
+                states["text"] = NoteLM.for_tokenizer(NoteTokenizer.from_schema(schema, max_len=t.max_len),
+                                                      t).state_dict()
             templates = {k: {n: t.clone() for n, t in v.items()} for k, v in states.items()}
             for r in range(1, s.rounds + 1):
                 states = self.train_round(r, states, templates)
             summary["rounds_done"] = self.rounds_done
             syn = self.candidate(schema, states)
-            log.info("candidate release: %d rows sampled from the aggregated generator; sending it to %d site(s) "
-                     "for audit", s.release_rows, len(self.sites))
+            log.info("candidate release: %d rows sampled from the aggregated models (%s); sending it to %d site(s) "
+                     "for audit", s.release_rows, ",".join(s.models), len(self.sites))
             audits = self.audit(syn, policy)
             gate = worst_case_gate(audits)
             privacy = self.privacy_summary(audits)
@@ -446,6 +579,8 @@ class Coordinator:
                      summary.get("release"), summary["seconds"], self.out / "summary.json")
 
     def privacy_summary(self, audits: dict[str, dict]) -> dict:
+        from dpsynth.train import TEXT_STATEMENT
+
         sites = {}
         for site, sp in sorted(self.spend.items()):
             if "epsilon" not in sp or "noise_multiplier" not in sp:
@@ -453,6 +588,9 @@ class Coordinator:
             plan = sp.get("plan", {})
             sites[site] = {"epsilon": sp["epsilon"], "delta": sp["delta"], "noise_multiplier": sp["noise_multiplier"],
                            "flow_noise_multiplier": plan.get("flow_noise_multiplier"), "models": plan.get("models"),
+                           "text_noise_multiplier": plan.get("text_noise_multiplier"),
+                           "text_sample_rate": plan.get("text_sample_rate"),
+                           "text_planned_steps": plan.get("text_planned_steps"),
                            "sample_rate": sp["sample_rate"], "steps": sp.get("steps"), "cap": plan.get("epsilon"),
                            "ledger_head": (audits.get(site, {}).get("spend") or {}).get("ledger_head", sp.get("ledger_head")),
                            "audited": site in audits}
@@ -469,7 +607,8 @@ class Coordinator:
             "sites": sites,
             "sampling": "Poisson (Opacus DPDataLoader) at every site",
             "preprocessing": "public bounds from the agreed schema",
-            "public_metadata": SITE_SIZE_DISCLOSURE,
+            "public_metadata": SITE_SIZE_DISCLOSURE + (NOTES_COUNT_DISCLOSURE if "text" in self.s.models else ""),
+            **({"notes": TEXT_STATEMENT.strip()} if "text" in self.s.models else {}),
         }
 
     def signing_key(self) -> Path:

@@ -2,7 +2,9 @@
 
 Only called after the worst-site gate passed. The manifest carries every site's budget (ε, δ, σ, q, steps,
 mechanisms), every site's budget-ledger head, every site's audit verdict, the consortium ledger head, the
-consortium ε (the maximum: sites hold disjoint patients) and the policy.
+consortium ε (the maximum: sites hold disjoint patients) and the policy. The aggregated models travel with
+the release, hash-checked like every file: generator.safetensors, flow.safetensors (the vitals flow) and
+text.safetensors + tokenizer.json (the note model and its public, schema-only tokenizer) when trained.
 """
 
 from __future__ import annotations
@@ -43,8 +45,14 @@ def consortium_html(summary: dict, gate: dict, site_audits: dict[str, dict]) -> 
         f"{esc(str(c['threshold']))}</td><td>{'PASS' if c['passed'] else 'FAIL'}</td><td>{esc(c['site'])}</td></tr>"
         for c in gate["worst_checks"])
     priv = summary["privacy"]
+    def note_model(v: dict) -> str:
+        if v.get("text_noise_multiplier") is None:
+            return ""
+        return f"; note model σ = {v['text_noise_multiplier']:.4g}, q = {v['text_sample_rate']:.4g}"
+
     per_site = "".join(f"<li>{esc(s)}: ε = {v['epsilon']:.4f}, δ = {v['delta']:g}, σ = {v['noise_multiplier']:.4g}, "
-                       f"q = {v['sample_rate']:.4g}, steps = {v['steps']}</li>" for s, v in sorted(priv["sites"].items()))
+                       f"q = {v['sample_rate']:.4g}, steps = {v['steps']}{note_model(v)}</li>"
+                       for s, v in sorted(priv["sites"].items()))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>dpsynth consortium release</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 6px}}
 table{{border-collapse:collapse}}</style></head><body>
@@ -71,9 +79,11 @@ def write_bundle(*, out: Path, synthetic_csv: Path, key_path: Path, gate: dict, 
     with output_dir(out) as tmp:
         (tmp / "synthetic.csv").write_bytes(synthetic_csv.read_bytes())
         (tmp / "generator.safetensors").write_bytes(generator_file.read_bytes())
-        flow_file = generator_file.parent / "flow.safetensors"
-        if models and "flow" in models:
-            (tmp / "flow.safetensors").write_bytes(flow_file.read_bytes())
+        model_files = {"flow": ("flow.safetensors",), "text": ("text.safetensors", "tokenizer.json")}
+        for m, names in model_files.items():
+            if models and m in models:
+                for name in names:
+                    (tmp / name).write_bytes((generator_file.parent / name).read_bytes())
         atomic_write_text(tmp / "schema.json", schema_json)
         audit = {"format": FEDERATED_AUDIT_FORMAT, "gate": gate, "sites": site_audits,
                  "synthetic_sha256": sha256_file(synthetic_csv), "created_utc": summary["created_utc"]}
@@ -89,6 +99,7 @@ def write_bundle(*, out: Path, synthetic_csv: Path, key_path: Path, gate: dict, 
             "files": files,
             "synthetic_file": "synthetic.csv",
             "model": {"generator_sha256": files["generator.safetensors"], "flow_sha256": files.get("flow.safetensors"),
+                      "text_sha256": files.get("text.safetensors"), "tokenizer_sha256": files.get("tokenizer.json"),
                       "models": list(models or ["wgan"])},
             "schema_sha256": hashlib.sha256(schema_json.encode()).hexdigest(),
             "privacy": summary["privacy"],

@@ -1,7 +1,9 @@
 """Aggregation and the checks the coordinator applies to what sites send (no Flower imports here).
 
-FedAvg of generator and critic weights, weighted by each site's expected number of DP batches in the round
-(local epochs × ⌈n/batch⌉: a site's share of the round's expected examples). Schema agreement: every site's
+FedAvg of each model's weights (generator, critic, flow, note model), weighted by each site's expected number
+of DP batches of that model in the round (local epochs × ⌈n/batch⌉ for the record and the flow; the note
+model's planned steps per round, ∝ ⌈n_notes/text batch⌉, for the note model: a site's share of the round's
+expected examples of that model). Schema agreement: every site's
 schema is compared by hash; a mismatch names the site and the differing columns.
 """
 

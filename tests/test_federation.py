@@ -95,6 +95,15 @@ def test_unknown_run_config_keys_are_refused():
     assert s.epsilon == 2.0 and s.rounds == 4 and s.models == ("wgan",)
     with pytest.raises(ConsortiumError, match="unknown run-config"):
         RunSettings.from_run_config({"epsilonn": 2})
+    # the note model's settings: TextConfig's defaults where the run config says 0
+    from dpsynth.models.text import TextConfig
+
+    t = RunSettings.from_run_config({"text-epochs": 0, "text-d-model": 32, "text-max-len": 96}).text()
+    assert (t.d_model, t.max_len, t.epochs, t.layers) == (32, 96, TextConfig().epochs, TextConfig().layers)
+    with pytest.raises(ConsortiumError, match="text"):
+        RunSettings.from_run_config({"text-d-model": 30, "text-heads": 4})
+    with pytest.raises(wire.WireError, match="unknown note model settings"):
+        wire.text_from_json('{"d_model": 32, "secret": 1}')
 
 
 # ---- the coordinator and the ClientApp, in process ---------------------------------------------------
@@ -210,6 +219,11 @@ def test_in_process_federation_trains_audits_and_signs(demo_dir, tmp_path):
     # and shipped (hash-checked) in the signed bundle
     assert {m["mechanism"] for m in st["accountant"]["history"]} >= {"dp-sgd:wgan-critic", "dp-sgd:flow"}
     assert man["model"]["models"] == ["wgan", "flow"] and man["model"]["flow_sha256"] == man["files"]["flow.safetensors"]
+    # the default model list names the note model; without a text column in the agreed schema it is dropped
+    # with a logged note (and nothing of it is planned, charged or shipped)
+    assert "note model dropped from this run" in (tmp_path / "run" / "logs" / "serverapp.log").read_text()
+    assert "model-dropped" in events and "dp-sgd:text" not in {m["mechanism"] for m in st["accountant"]["history"]}
+    assert "text.safetensors" not in man["files"]
 
 
 def test_malformed_weights_from_one_site_are_rejected_and_the_run_goes_on(demo_dir, tmp_path):
@@ -261,10 +275,13 @@ def test_too_few_sites_left_stops_cleanly_and_releases_nothing(demo_dir, tmp_pat
 
 
 def test_site_refusing_a_model_is_dropped_with_its_reason(demo_dir, tmp_path):
-    grid = InProcessGrid(_nodes(demo_dir, tmp_path))
-    s = _run(grid, tmp_path, models="wgan,text")
+    cfgs = _nodes(demo_dir, tmp_path)
+    for cfg in cfgs.values():  # hospitals that keep the vitals out of any model
+        p = Path(cfg["policy-path"])
+        p.write_text(p.read_text() + 'allowed_models = ["wgan"]\n')
+    s = _run(InProcessGrid(cfgs), tmp_path, models="wgan,flow")
     assert s["status"] == "failed"
-    assert "not allowed" in s["message"]
+    assert "not allowed" in s["message"] and "c: SitePolicyError" in s["message"]  # named by site, not node id
 
 
 def test_insecure_mode_is_explicit_and_loud(tmp_path, capsys):
@@ -280,3 +297,114 @@ def test_insecure_mode_is_explicit_and_loud(tmp_path, capsys):
     loud.superlink_port = 1234
     assert "insecure = true" in loud.write_cli_config().read_text()
     assert kv_config({"site": "a", "rounds": 2, "x": 1.5, "b": False}) == 'site="a" rounds=2 x=1.5 b=false'
+
+
+# ---- the note model in the federation (issue 7) ------------------------------------------------------------
+
+TINY_TEXT_RC = {"models": "wgan,flow,text", "text-epochs": 1, "text-batch-size": 400, "text-d-model": 32,
+                "text-layers": 1, "text-heads": 4, "text-max-len": 96}
+
+
+@pytest.fixture(scope="module")
+def notes_dir(tmp_path_factory):
+    """The demo sites with the rendered demo notes (dpsynth demo-data --notes)."""
+    from dpsynth.data.demo import write_demo
+
+    d = tmp_path_factory.mktemp("demo_notes")
+    write_demo(d, notes=True)
+    return d
+
+
+def _allow_notes(cfgs: dict, sites: str) -> dict:
+    for cfg in cfgs.values():
+        if cfg["site"] in sites:
+            p = Path(cfg["policy-path"])
+            p.write_text(p.read_text() + 'allowed_models = ["wgan", "flow", "text"]\nallow_notes = true\n')
+    return cfgs
+
+
+def test_in_process_federation_trains_the_note_model_and_releases_notes(notes_dir, tmp_path):
+    """Sites a and b allow notes, site c's policy does not (allow_notes = false): c refuses the note model and is
+    dropped; a and b train record + vitals + note in the same rounds; the candidate is the chained patient with
+    a note, audited (notes included) at every site; the signed bundle carries the note model and tokenizer."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from dpsynth.privacy.ledger import Ledger
+    from dpsynth.release import verify_release
+
+    sent: dict[str, list] = {}  # round 2: every site's note model update and its FedAvg weight
+
+    def keep_text_update(msg, reply):
+        if msg.metadata.message_type == "train" and int(msg.content["config"]["round"]) == 2 and "text" in reply.content:
+            sent.setdefault("updates", []).append(
+                ({k: torch.from_numpy(reply.content["text"][k].numpy().copy()) for k in reply.content["text"]},
+                 float(reply.content["metrics"]["text_expected_batches"])))
+        return reply
+
+    cfgs = _allow_notes(_nodes(notes_dir, tmp_path), "ab")
+    grid = InProcessGrid(cfgs, tamper={101: keep_text_update, 102: keep_text_update})
+    s = _run(grid, tmp_path, **TINY_TEXT_RC)
+    assert s["status"] == "released", s.get("message")
+    assert s["sites"] == ["a", "b"] and "allow_notes = false" in s["dropped_sites"]["c"]
+
+    # every site that trained charged the note model's planned steps to its own accountant, with its own q
+    man = verify_release(s["release"], tmp_path / "run" / "keys" / "release.pub")
+    for site in "ab":
+        st = json.loads((tmp_path / "sites" / site / "state.json").read_text())
+        plan = st["plan"]
+        text = [m for m in st["accountant"]["history"] if m["mechanism"] == "dp-sgd:text"]
+        assert [m["steps"] for m in text] == [plan["text_steps_per_round"]] * 2
+        assert {(m["noise_multiplier"], m["sample_rate"]) for m in text} == {
+            (plan["text_noise_multiplier"], plan["text_sample_rate"])}
+        assert plan["text_sample_rate"] != plan["sample_rate"]  # its own Poisson rate over the patients with a note
+        assert man["privacy"]["sites"][site]["text_noise_multiplier"] == plan["text_noise_multiplier"]
+        assert man["sites"][site]["ledger_head"] == Ledger(tmp_path / "sites" / site / "ledger.jsonl").verify()
+        # the federated audit at the site checked the notes
+        checks = {c["check"] for c in man["sites"][site]["audit_checks"]}
+        assert {"notes_ngram_overlap.excess", "notes_identifier_replay.count"} <= checks
+    # site c planned nothing and spent nothing: its ledger holds the refusal only
+    assert [e["event"] for e in Ledger(tmp_path / "sites" / "c" / "ledger.jsonl").entries()] == ["refused"]
+    assert not (tmp_path / "sites" / "c" / "state.json").exists()
+    assert "note" in man["privacy"]["public_metadata"] and "notes" in man["privacy"]
+
+    # FedAvg of the note model weighted by each site's expected note batches per round
+    (ua, wa), (ub, wb) = sent["updates"]
+    assert wa != wb
+    agg = load_file(str(tmp_path / "run" / "candidate" / "text.safetensors"))
+    for k, v in agg.items():
+        assert torch.allclose(v, (wa * ua[k] + wb * ub[k]) / (wa + wb), atol=1e-6), k
+
+    # the bundle carries the note model and its tokenizer (hash-checked); the release holds notes
+    assert man["model"]["models"] == ["wgan", "flow", "text"]
+    assert man["model"]["text_sha256"] == man["files"]["text.safetensors"]
+    assert man["model"]["tokenizer_sha256"] == man["files"]["tokenizer.json"]
+    assert json.loads((Path(s["release"]) / "tokenizer.json").read_text())["max_len"] == 96
+    syn = pd.read_csv(Path(s["release"]) / "synthetic.csv", keep_default_na=False)
+    assert len(syn) == FAST["release-rows"] and (syn["note"].str.len() > 0).mean() > 0.5
+
+
+def test_a_note_column_missing_at_one_site_is_named(notes_dir, demo_dir, tmp_path):
+    import pandas as pd
+
+    for r in ("r1", "r2"):
+        (tmp_path / r).mkdir()
+    # the site's schema (and file) have no note column: schema agreement stops the run before any training
+    cfgs = _allow_notes(_nodes(notes_dir, tmp_path / "r1"), "abc")
+    cfgs[103]["data-path"] = str(demo_dir / "site_c.csv")  # next to the demo schema without notes
+    s = _run(InProcessGrid(cfgs), tmp_path / "r1", **TINY_TEXT_RC)
+    assert s["status"] == "failed" and s["rounds_done"] == 0
+    assert "site 'c'" in s["message"] and "note (missing at the site)" in s["message"]
+    for site in "abc":  # nobody spent anything
+        st = json.loads((tmp_path / "r1" / "sites" / site / "state.json").read_text())
+        assert sum(m["steps"] for m in st["accountant"]["history"]) == 0
+    # the schema has it, the site's file does not: that site refuses the note model, naming the column
+    d = tmp_path / "c_data"
+    d.mkdir()
+    (d / "schema.json").write_text((notes_dir / "schema.json").read_text())
+    pd.read_csv(notes_dir / "site_c.csv").drop(columns="note").to_csv(d / "site_c.csv", index=False)
+    cfgs = _allow_notes(_nodes(notes_dir, tmp_path / "r2"), "abc")
+    cfgs[103]["data-path"] = str(d / "site_c.csv")
+    s = _run(InProcessGrid(cfgs), tmp_path / "r2", **{**TINY_TEXT_RC, "min-sites": 3})
+    assert s["status"] == "failed" and s["rounds_done"] == 0  # min-sites 3: stops at planning, nothing trained
+    assert "the note column 'note'" in s["dropped_sites"]["c"] and "site_c.csv" in s["dropped_sites"]["c"]

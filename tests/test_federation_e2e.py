@@ -146,6 +146,44 @@ def test_schema_mismatch_stops_the_run_naming_the_site(consortium, first_run, de
     assert not (root / "run_mismatch" / "release").exists()
 
 
+def test_the_note_model_travels_in_the_rounds_and_the_signed_release(tmp_path):
+    """Real processes, two hospitals that allow notes (issue 7): the note model's weights travel as the
+    ArrayRecord "text" in the same rounds as the record and the vitals, every site charges its steps to its own
+    accountant, the audits at the sites check the notes, and the signed bundle carries the note model."""
+    import pandas as pd
+
+    from dpsynth.data.demo import write_demo
+    from dpsynth.privacy.ledger import Ledger
+    from dpsynth.release import verify_release
+
+    data = tmp_path / "data"
+    write_demo(data, notes=True)
+    with LocalConsortium(tmp_path) as fed:
+        fed.start_superlink()
+        for s in ("a", "b"):
+            fed.register(s)
+        for s in ("a", "b"):
+            pol = tmp_path / f"policy_notes_{s}.toml"
+            pol.write_text(f'max_epsilon = {CAPS[s]}\ndelta = 1e-5\nmin_patients = 100\n'
+                           'allowed_models = ["wgan", "flow", "text"]\nallow_notes = true\n')
+            fed.start_supernode(s, data_path=data / f"site_{s}.csv", site_dir=tmp_path / "sites" / s, policy_path=pol)
+        s = _run(fed, tmp_path, "run_notes", rounds=1, models="wgan,flow,text", **{
+            "expected-sites": 2, "text-epochs": 1, "text-batch-size": 400, "text-d-model": 32, "text-layers": 1,
+            "text-heads": 4, "text-max-len": 96})
+    assert s["status"] == "released", s.get("message")
+    man = verify_release(s["release"], tmp_path / "run_notes" / "keys" / "release.pub")
+    assert man["model"]["models"] == ["wgan", "flow", "text"] and man["model"]["text_sha256"] == man["files"]["text.safetensors"]
+    assert "tokenizer.json" in man["files"]
+    for site in ("a", "b"):
+        st = json.loads((tmp_path / "sites" / site / "state.json").read_text())
+        text = [m["steps"] for m in st["accountant"]["history"] if m["mechanism"] == "dp-sgd:text"]
+        assert text == [st["plan"]["text_steps_per_round"]]
+        assert man["sites"][site]["ledger_head"] == Ledger(tmp_path / "sites" / site / "ledger.jsonl").verify()
+        assert "notes_ngram_overlap.excess" in {c["check"] for c in man["sites"][site]["audit_checks"]}
+    syn = pd.read_csv(Path(s["release"]) / "synthetic.csv", keep_default_na=False)
+    assert (syn["note"].str.len() > 0).mean() > 0.5
+
+
 # ---- faults (slow: the SuperLink notices a killed SuperNode only after its heartbeat timeout) --------------
 
 def _wait_for(pred, timeout: float, what: str) -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dpsynth.errors import BudgetExceededError
+from dpsynth.models.text import TextConfig
 from dpsynth.models.wgan import WGANConfig
 from dpsynth.privacy.ledger import Ledger
 from dpsynth.site import RunRequest, Site, SitePolicy, SitePolicyError, local_dp_round
@@ -133,7 +134,8 @@ def test_one_local_round_trains_from_given_weights_within_the_reserved_steps(tmp
     c0 = Critic(enc.dim, SMALL.critic_hidden).state_dict()
     codec = VitalsCodec(site.schema, enc)
     f0 = ConditionalFlow(codec.dim, codec.cond_dim, FlowConfig()).state_dict()
-    g, c, report, f = site.train_round(1, g0, c0, wgan=SMALL, flow_state=f0, seed=1)
+    g, c, report, f, t = site.train_round(1, g0, c0, wgan=SMALL, flow_state=f0, seed=1)
+    assert t is None  # no note model planned
     assert set(g) == set(g0) and set(c) == set(c0) and set(f) == set(f0)
     assert any(not (g[k] == g0[k]).all() for k in g)
     assert any(not (f[k] == f0[k]).all() for k in f)  # the flow trained from the coordinator's weights
@@ -158,3 +160,119 @@ def test_site_split_is_deterministic_and_disjoint(tmp_path, demo_dir):
     assert a[0].equals(b[0]) and a[1].equals(b[1])
     ids_train, ids_hold = set(a[0]["id"]), set(a[1]["id"])
     assert not ids_train & ids_hold and len(a[1]) > 0
+
+
+# ---- the note model (issue 7) ------------------------------------------------------------------------
+
+TINY_TEXT = TextConfig(d_model=32, layers=1, heads=4, max_len=96, batch_size=400, epochs=2)
+NOTES_OK = {"allowed_models": ["wgan", "flow", "text"], "allow_notes": True}
+
+
+@pytest.fixture(scope="module")
+def notes_dir(tmp_path_factory):
+    """The demo sites with the rendered demo notes (dpsynth demo-data --notes)."""
+    from dpsynth.data.demo import write_demo
+
+    d = tmp_path_factory.mktemp("demo_notes")
+    write_demo(d, notes=True)
+    return d
+
+
+def _text_req(**kw):
+    kw = {"models": ("wgan", "text"), **kw}
+    return RunRequest(run_id=kw.pop("run_id", "t1"), epsilon=kw.pop("epsilon", 50.0), rounds=kw.pop("rounds", 2),
+                      local_epochs=1, batch_size=512, models=list(kw.pop("models")),
+                      text_epochs=kw.pop("text_epochs", TINY_TEXT.epochs),
+                      text_batch_size=kw.pop("text_batch_size", TINY_TEXT.batch_size), **kw)
+
+
+def test_note_model_is_planned_reserved_and_trained_in_the_same_round(tmp_path, notes_dir):
+    import math
+
+    from dpsynth.models.text import NoteLM, NoteTokenizer
+    from dpsynth.models.wgan import Critic, Generator
+    from dpsynth.preprocess import Encoder
+    from dpsynth.privacy.accountant import Mechanism
+    from dpsynth.site import local_text_round
+    from dpsynth.train import CRITIC_MECHANISM, TEXT_MECHANISM
+
+    site = _site(tmp_path, notes_dir, cap=2.0, name="b", **NOTES_OK)
+    plan = site.plan_run(_text_req())
+    train, _ = site.frames()
+    n_notes = int(train["note"].notna().sum())
+    t_spe = math.ceil(n_notes / TINY_TEXT.batch_size)
+    # its own Poisson rate over the patients with a note, its steps spread over the rounds
+    assert plan.text_sample_rate == 1.0 / t_spe and plan.text_steps_per_epoch == t_spe
+    assert plan.text_steps_per_round == math.ceil(TINY_TEXT.epochs * t_spe / 2)
+    assert plan.text_planned_steps == 2 * plan.text_steps_per_round
+    assert plan.text_noise_multiplier is not None and plan.flow_noise_multiplier is None
+    # both mechanisms calibrated together within the cap; the exact note count never leaves (only ⌈n_notes/batch⌉)
+    full = site.accountant.epsilon(plan.delta, [
+        Mechanism(CRITIC_MECHANISM, plan.noise_multiplier, plan.sample_rate, plan.planned_steps),
+        Mechanism(TEXT_MECHANISM, plan.text_noise_multiplier, plan.text_sample_rate, plan.text_planned_steps)])
+    assert 1.9 < full <= 2.0 * (1 + 1e-6)
+    assert n_notes not in [v for k, v in plan.public().items() if k.startswith("text")]
+
+    enc = Encoder(site.schema)
+    g0 = Generator(SMALL.latent_dim, SMALL.gen_hidden, enc.dim).state_dict()
+    c0 = Critic(enc.dim, SMALL.critic_hidden).state_dict()
+    tok = NoteTokenizer.from_schema(site.schema, max_len=TINY_TEXT.max_len)
+    t0 = NoteLM.for_tokenizer(tok, TINY_TEXT).state_dict()
+    _, _, report, f, t = site.train_round(1, g0, c0, wgan=SMALL, text_state=t0, text_config=TINY_TEXT, seed=3)
+    assert f is None and set(t) == set(t0) and any(not (t[k] == t0[k]).all() for k in t)
+    assert report["text_steps_round"] == report["text_expected_batches"] == plan.text_steps_per_round
+    assert len(report["text_nll"]) >= 1 and all(math.isfinite(v) for v in report["text_nll"])
+    # one accountant: the note model's mechanism charged (before the round) with its own σ and q
+    text_mechs = [m for m in site.accountant.history if m.mechanism == TEXT_MECHANISM]
+    assert [(m.noise_multiplier, m.sample_rate, m.steps) for m in text_mechs] == [
+        (plan.text_noise_multiplier, plan.text_sample_rate, plan.text_steps_per_round)]
+    done = [e["data"] for e in site.ledger.entries() if e["event"] == "round-complete"]
+    assert done[-1]["text_steps_taken"] == done[-1]["text_steps_reserved"] == plan.text_steps_per_round
+    assert site.dp_facts()["text_steps"] == plan.text_steps_per_round
+    assert 0 < report["epsilon"] <= 2.0
+    # never a step beyond what was reserved, even when more passes over the notes would fit
+    _, steps, losses = local_text_round(df=train, schema=site.schema, column="note", text_state=t, config=TINY_TEXT,
+                                        batch_size=TINY_TEXT.batch_size, sample_rate=plan.text_sample_rate,
+                                        noise_multiplier=1.0, max_grad_norm=1.0, max_steps=2, seed=0)
+    assert steps == 2 and len(losses) == 1
+
+
+def test_a_site_that_does_not_allow_notes_refuses_the_note_model(tmp_path, notes_dir):
+    with pytest.raises(SitePolicyError, match="allow_notes is false"):  # a contradictory policy is refused
+        SitePolicy(max_epsilon=2.0, allowed_models=["wgan", "text"], allow_notes=False)
+    p = tmp_path / "policy.toml"
+    p.write_text('max_epsilon = 2.0\nallowed_models = ["wgan", "flow", "text"]\n')  # allow_notes defaults to false
+    with pytest.raises(SitePolicyError, match="allow_notes"):
+        SitePolicy.load(p)
+    site = _site(tmp_path, notes_dir, name="b")  # the default: notes never train a model
+    with pytest.raises(SitePolicyError, match="allow_notes = false"):
+        site.plan_run(_text_req())
+    assert [e["event"] for e in site.ledger.entries()] == ["refused"] and site.accountant.total_steps == 0
+    notes_but_no_model = _site(tmp_path / "n", notes_dir, name="b", allow_notes=True)
+    with pytest.raises(SitePolicyError, match=r"\['text'\] are not allowed"):
+        notes_but_no_model.plan_run(_text_req())
+
+
+def test_a_site_without_the_note_column_refuses_the_note_model_naming_it(tmp_path, notes_dir, demo_dir):
+    import pandas as pd
+
+    from dpsynth.errors import DataError
+
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "schema.json").write_text((notes_dir / "schema.json").read_text())
+    pd.read_csv(notes_dir / "site_b.csv").drop(columns="note").to_csv(d / "site_b.csv", index=False)
+    site = _site(tmp_path, d, name="b", **NOTES_OK)
+    with pytest.raises(DataError, match="the note column 'note' .* is missing from .*site_b.csv"):
+        site.plan_run(_text_req())
+    assert site.ledger.entries()[-1]["event"] == "refused" and site.accountant.total_steps == 0
+    # a schema without a text column: the note model cannot be conditioned, the site says why
+    plain = _site(tmp_path / "p", demo_dir, name="b", **NOTES_OK)
+    with pytest.raises(SitePolicyError, match="exactly one column of kind 'text'"):
+        plain.plan_run(_text_req())
+    # the column is there but no patient has a note
+    empty = pd.read_csv(notes_dir / "site_b.csv")
+    empty["note"] = None
+    empty.to_csv(d / "site_b.csv", index=False)
+    with pytest.raises(DataError, match="only 0 training patients have a note in column 'note'"):
+        _site(tmp_path / "e", d, name="b", **NOTES_OK).plan_run(_text_req())
