@@ -56,8 +56,10 @@ def column_stats(real, syn, schema) -> dict:
             "mean_corr_diff": v["correlation"]["mean_abs_diff"]}
 
 
-def one_run(variant: str, eps: float, seed: int, data: Path, n_syn: int, shares: dict | None = None) -> dict:
+def one_run(variant: str, eps: float, seed: int, data: Path, n_syn: int, shares: dict | None = None,
+            flow: dict | None = None) -> dict:
     import warnings
+    from dataclasses import replace
 
     import pandas as pd
 
@@ -74,6 +76,8 @@ def one_run(variant: str, eps: float, seed: int, data: Path, n_syn: int, shares:
     cfg = TrainConfig(models=VARIANTS[variant])
     if shares:
         cfg.budget_shares = {**cfg.budget_shares, **shares}
+    if flow:
+        cfg.flow = replace(cfg.flow, **flow)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()
         res = train(real, schema, out=Path(tmp) / "m", epsilon=None if non_private else eps, delta=None, config=cfg,
@@ -126,11 +130,12 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("VARIANT", "EPS", "SEED"))
     ap.add_argument("--data")
     ap.add_argument("--save", default="vitals", help="results/<name>.json")
+    ap.add_argument("--flow", help="FlowConfig overrides as JSON, e.g. '{\"max_grad_norm\": 5}' (default: FlowConfig's)")
     ap.add_argument("--shares", help="budget shares as JSON, e.g. '{\"wgan\": 1, \"flow\": 1}' (default: TrainConfig's)")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one_run(a.one[0], float(a.one[1]), int(a.one[2]), Path(a.data), a.n_synthetic,
-                                 json.loads(a.shares) if a.shares else None)))
+                                 json.loads(a.shares) if a.shares else None, json.loads(a.flow) if a.flow else None)))
         return
     from _common import demo_frames, environment, save
 
@@ -142,7 +147,7 @@ def main() -> None:
             for variant in a.variants:
                 for seed in a.seeds:
                     cmd = [sys.executable, __file__, "--one", variant, str(eps), str(seed), "--data", str(data),
-                           "--n-synthetic", str(a.n_synthetic)] + (["--shares", a.shares] if a.shares else [])
+                           "--n-synthetic", str(a.n_synthetic)] + (["--shares", a.shares] if a.shares else []) + (["--flow", a.flow] if a.flow else [])
                     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
                     print(f"{variant} eps={eps} seed={seed}: fit {r['fit_seconds']:.0f}s mean KS {r['mean_ks']:.3f} "
                           f"height {r['columns']['height']['ks']:.3f} weight {r['columns']['weight']['ks']:.3f} "
@@ -166,6 +171,7 @@ def main() -> None:
         "summary": summary,
         "targets_at_eps3": verdict,
         "budget_shares": json.loads(a.shares) if a.shares else "TrainConfig default",
+        "flow_config": json.loads(a.flow) if a.flow else "FlowConfig default",
         "runs": runs,
         "environment": environment(),
     })

@@ -102,15 +102,16 @@ def cmd_train(a) -> int:
     df = _load_validated(a.data, schema)
     from .models.flow import FlowConfig
     from .models.text import TextConfig
-    from .train import text_column
+    from .train import resolve_models, text_column
 
-    models = tuple(m.strip() for m in a.models.split(",") if m.strip())
+    models = None if a.models is None else tuple(m.strip() for m in a.models.split(",") if m.strip())
     shares = _shares(a.budget_shares)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, max_grad_norm=a.max_grad_norm,
                       checkpoints=a.checkpoints, select=not a.no_select, profile=a.profile, models=models,
                       budget_shares={**TrainConfig().budget_shares, **shares},
                       flow=FlowConfig(epochs=a.flow_epochs), text=TextConfig(epochs=a.text_epochs),
                       canaries=a.canaries)
+    cfg = resolve_models(cfg, schema)
     if "text" in cfg.models and not a.resume:
         text_column(schema)  # exactly one text column, or a clear error before reading anything else
     res = train(df, schema, out=a.out, epsilon=a.epsilon, delta=a.delta, config=cfg, non_private=a.non_private,
@@ -186,8 +187,14 @@ def cmd_evaluate(a) -> int:
     real = validate_frame(read_table(a.real), schema, a.real)
     hold = validate_frame(read_table(a.holdout), schema, a.holdout)
     syn = validate_frame(read_table(a.synthetic), schema, a.synthetic)
+    note_model = note_tok = None
+    if a.model:  # the note model's perplexity on the real training and holdout notes
+        from .train import load_model, load_text
+
+        manifest, _, _, _ = load_model(a.model)
+        note_model, note_tok, _ = load_text(a.model, manifest, schema)
     t = time.time()
-    res = evaluate(real, hold, syn, schema, label=a.label)
+    res = evaluate(real, hold, syn, schema, label=a.label, note_model=note_model, note_tokenizer=note_tok)
     res["seconds"] = round(time.time() - t, 2)
     ctx = {"real": a.real, "holdout": a.holdout, "synthetic": a.synthetic, "schema": a.schema}
     prov_path = Path(str(a.synthetic) + ".provenance.json")
@@ -202,6 +209,9 @@ def cmd_evaluate(a) -> int:
         atomic_write_text(tmp / "report.html", render_html(res, title="dpsynth utility report", context=ctx))
     h = res["headline"]
     print("utility: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in h.items()))
+    ns = (res.get("notes") or {}).get("summary")
+    if ns:
+        print("notes:   " + ", ".join(f"{k}={v:.3f}" for k, v in ns.items() if isinstance(v, float)))
     print(f"wrote {a.out}/utility.json and {a.out}/report.html")
     return 0
 
@@ -256,7 +266,7 @@ def cmd_audit(a) -> int:
     dp, model_sha, dp_source = _dp_facts(a.model, a.synthetic)
     res = run_audit(real, hold, syn, schema, policy=policy, dp=dp, progress=lambda m: print(m, file=sys.stderr),
                     model_dir=a.model)
-    util = evaluate(real, hold, syn, schema)["headline"]
+    util = evaluate(real, hold, syn, schema, notes=False)["headline"]
     res.update({
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "synthetic_sha256": sha256_file(a.synthetic),
@@ -396,7 +406,7 @@ def cmd_demo(a) -> int:
         ["budget", str(model)],
         ["generate", "--model", str(model), "--n", "10000", "--out", str(syn)],
         ["evaluate", "--real", str(data / "train.csv"), "--holdout", str(data / "holdout.csv"), "--synthetic", str(syn),
-         "--schema", str(data / "schema.json"), "--out", str(report)],
+         "--schema", str(data / "schema.json"), "--model", str(model), "--out", str(report)],
     ]
     if not (keys / "release.key").exists():
         steps.append(["keys", "new", "--out", str(keys)])
@@ -421,6 +431,10 @@ def cmd_demo(a) -> int:
     print(f"privacy:   ε = {man['epsilon']:.3f}, δ = {man['delta']:g} (unit: patient; accountant {man['accountant']})")
     print(f"utility:   TSTR/TRTR AUROC {h.get('tstr_trtr_auroc_ratio'):.3f}, mean APD {h['mean_apd']:.4f}, "
           f"correlation distance {h['correlation_distance']:.4f}  ({report / 'report.html'})")
+    ns = (res.get("notes") or {}).get("summary")
+    if ns:
+        print(f"notes:     condition consistency {ns['consistency']:.3f} (real notes {ns['consistency_ceiling']:.3f}), "
+              f"two-sample AUC {ns['two_sample_auc']:.3f}, note TSTR/TRTR {ns['tstr_ratio']:.3f}")
     print(f"audit:     {gate['verdict']}  ({audit / 'report.html'})")
     print(f"release:   {release}  (verify: dpsynth verify {release} --public-key {keys / 'release.pub'})")
     return 0
@@ -442,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo-data", help="write the embedded NAFLD cohort: train/holdout, 3 sites, schema.json")
     s.add_argument("--out", required=True)
-    s.add_argument("--notes", action="store_true",
-                   help="add a 'note' column of rendered demonstration notes (not real clinical text)")
+    s.add_argument("--notes", action=argparse.BooleanOptionalAction, default=True,
+                   help="add a 'note' column of rendered demonstration notes, not real clinical text (default; "
+                        "--no-notes: the structured record only)")
     s.set_defaults(func=cmd_demo_data)
 
     sch = sub.add_parser("schema", help="schema tools").add_subparsers(dest="schema_cmd", required=True)
@@ -467,10 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoints", type=_positive_int, default=5, help="generator snapshots to select from")
     s.add_argument("--no-select", action="store_true", help="keep the last checkpoint (no selection spend)")
     s.add_argument("--profile", choices=["A", "B"], default="A", help="selection weight profile (see docs)")
-    s.add_argument("--models", default="wgan,flow",
+    s.add_argument("--models", default=None,
                    help="models to train: wgan (the record), flow (continuous columns given the record) and text "
-                        "(a note given record + vitals; needs one schema column of kind 'text'); "
-                        "default wgan,flow = the chained patient")
+                        "(a note given record + vitals; needs one schema column of kind 'text'); default: the "
+                        "chained patient, wgan,flow plus text when the schema has a text column")
     s.add_argument("--flow-epochs", type=_positive_int, default=60, help="epochs of the vitals flow")
     s.add_argument("--text-epochs", type=_positive_int, default=TEXT_EPOCHS, help="epochs of the note model")
     s.add_argument("--canaries", type=_nonneg_int, default=0,
@@ -500,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schema", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--label", help="binary label column for TSTR (default: the schema's label)")
+    s.add_argument("--model", help="model directory: adds its note model's perplexity on the real notes")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 

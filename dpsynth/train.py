@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -57,7 +57,7 @@ CRITIC_MECHANISM = "dp-sgd:wgan-critic"
 FLOW_MECHANISM = "dp-sgd:flow"
 TEXT_MECHANISM = "dp-sgd:text"
 MODELS = ("wgan", "flow", "text")
-DEFAULT_MODELS = ("wgan", "flow")  # the note model is opt-in for now (issue 7)
+RECORD_MODELS = ("wgan", "flow")  # the default chained patient of a schema without a text column
 CANARY_COUNTS = (1, 4, 16)  # repetition counts of the planted canaries (audits.text.COUNTS)
 CANARY_WARNING = ("planted secret-sharer canaries: keep inside the model directory for the memorisation audit; "
                   "never release this file")
@@ -91,7 +91,9 @@ class TrainConfig:
     selection_share: float = 0.05  # fraction of ε given to selection when select is on
     profile: str = "A"
     # the chained patient: the WGAN generates the record, the flow its continuous columns given the record
-    models: tuple[str, ...] = DEFAULT_MODELS
+    # None = default_models(schema): the chained patient record → vitals → note (the note only when the schema
+    # has a text column); resolved by ``train`` and stored resolved in the manifest
+    models: tuple[str, ...] | None = None
     # how ε is split between the models' DP-SGD runs (BUDGET_SPLIT_RULE); only the models trained count.
     # Equal shares: at ε = 3 on NAFLD, 1:1 gave height/weight KS ≈ 0.06/0.035 vs ≈ 0.07/0.09 with 3:1
     # (bench/vitals.py, 2 seeds each); the WGAN's record is scored in bench/utility.py with the same default.
@@ -105,27 +107,29 @@ class TrainConfig:
     canaries: int = 0
 
     def __post_init__(self) -> None:
-        self.models = tuple(self.models)
-        unknown = [m for m in self.models if m not in MODELS]
-        if unknown or "wgan" not in self.models or len(set(self.models)) != len(self.models):
-            raise ModelError(f"--models must list wgan and optionally flow and text (known: {', '.join(MODELS)}), got "
-                             f"{','.join(self.models)}")
+        if self.models is not None:  # None: resolved against the schema by ``train`` (resolve_models), checked then
+            self.models = tuple(self.models)
+            unknown = [m for m in self.models if m not in MODELS]
+            if unknown or "wgan" not in self.models or len(set(self.models)) != len(self.models):
+                raise ModelError(f"--models must list wgan and optionally flow and text (known: {', '.join(MODELS)}), "
+                                 f"got {','.join(self.models)}")
         if not isinstance(self.canaries, int) or isinstance(self.canaries, bool) or self.canaries < 0:
             raise ModelError(f"--canaries must be a non-negative integer, got {self.canaries!r}")
-        if self.canaries and "text" not in self.models:
+        if self.canaries and self.models is not None and "text" not in self.models:
             raise ModelError("--canaries plants secrets in the training notes: it needs the text model (--models ...,text)")
         extra = sorted(set(self.budget_shares) - set(MODELS))
         if extra:
             raise PrivacyParameterError(f"budget shares name unknown models {extra} (known: {', '.join(MODELS)})")
-        for m in self.models:
+        for m in MODELS:
             w = self.budget_shares.get(m)
-            if w is None or not (w > 0 and math.isfinite(w)):
+            needed = self.models is not None and m in self.models
+            if (w is None and needed) or (w is not None and not (w > 0 and math.isfinite(w))):
                 raise PrivacyParameterError(f"budget share of {m} must be a positive number, got {w}")
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["wgan"]["betas"] = list(d["wgan"]["betas"])
-        d["models"] = list(self.models)
+        d["models"] = None if self.models is None else list(self.models)
         return d
 
     @classmethod
@@ -155,6 +159,25 @@ class Plan:
     text_steps_per_epoch: int = 0
     text_steps: int = 0  # planned DP-SGD steps of the note model (0: no note model)
     text_noise: float | None = None
+
+
+def default_models(schema: Schema) -> tuple[str, ...]:
+    """The default chained patient for a schema: the WGAN's record, the flow's continuous columns and — when
+    the schema declares a ``text`` column — a note written by the note model."""
+    return RECORD_MODELS + (("text",) if schema.of_kind("text") else ())
+
+
+def resolve_models(config: TrainConfig, schema: Schema) -> TrainConfig:
+    """``config`` with ``models`` set (the schema's default when None), validated."""
+    return config if config.models is not None else replace(config, models=default_models(schema))
+
+
+def clip_norm(config: TrainConfig, model: str) -> float:
+    """Per-example clipping norm of one model's DP-SGD: the model's own (FlowConfig.max_grad_norm) or the
+    run's ``max_grad_norm``. Clipping changes no ε (σ is relative to the norm); it trades clipping bias
+    against noise, per model."""
+    own = config.flow.max_grad_norm if model == "flow" else None
+    return config.max_grad_norm if own is None else float(own)
 
 
 def text_column(schema: Schema) -> str:
@@ -351,7 +374,7 @@ def train(
     always draw from fresh OS entropy unless a seed is given, which only tests and --non-private runs may do.
     """
     out = Path(out)
-    config = config or TrainConfig()
+    config = resolve_models(config or TrainConfig(), schema)
     schema.require_reviewed()
     work = out / ".work"
     manifest_path = out / "manifest.json"
@@ -441,7 +464,7 @@ def train(
     prev_seconds = st["seconds"] if st else 0.0
     bar = _Progress(plan.planned_steps + plan.flow_steps + plan.text_steps, progress)
 
-    def poisson_wiring(module, optimizer, criterion, dataset, batch_size, noise, sample_rate, what):
+    def poisson_wiring(module, optimizer, criterion, dataset, batch_size, noise, sample_rate, what, clip):
         """(module, optimizer, criterion, Poisson loader) for one model: Opacus (clipping + noise) when private,
         the same Poisson batches and the plain module / optimizer (criterion None) when not."""
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=sample_gen)
@@ -451,7 +474,7 @@ def train(
             out = (module, optimizer, None, DPDataLoader.from_data_loader(loader, generator=sample_gen))
         else:
             out = make_private(module=module, optimizer=optimizer, criterion=criterion, loader=loader,
-                               noise_multiplier=noise, max_grad_norm=config.max_grad_norm, noise_generator=noise_gen)
+                               noise_multiplier=noise, max_grad_norm=clip, noise_generator=noise_gen)
         if abs(out[3].sample_rate - sample_rate) > 1e-12:
             raise RuntimeError(f"{what} sampling rate mismatch: loader {out[3].sample_rate} vs plan {sample_rate}")
         return out
@@ -515,7 +538,8 @@ def train(
             u, obs, c = codec.encode(df, x_np)
             fds = torch.utils.data.TensorDataset(torch.from_numpy(u), torch.from_numpy(obs), torch.from_numpy(c))
             train_flow, f_opt, f_crit, f_loader = poisson_wiring(
-                flow, flow_opt, PerSampleLoss(), fds, config.batch_size, plan.flow_noise, plan.sample_rate, "flow")
+                flow, flow_opt, PerSampleLoss(), fds, config.batch_size, plan.flow_noise, plan.sample_rate, "flow",
+                clip_norm(config, "flow"))
             dequant = torch.Generator()
             dequant.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed + 2)
 
@@ -567,7 +591,7 @@ def train(
             tds = torch.utils.data.TensorDataset(torch.from_numpy(enc.ids[enc.present]))
             train_text, t_opt, t_crit, t_loader = poisson_wiring(
                 text, text_opt, PerSampleLoss(), tds, config.text.batch_size, plan.text_noise, plan.text_sample_rate,
-                "text")
+                "text", clip_norm(config, "text"))
 
             text_may_step, text_stepped = step_guard(TEXT_MECHANISM, plan.text_noise, plan.text_sample_rate,
                                                      plan.text_steps)
@@ -581,7 +605,8 @@ def train(
     # ---- phase 3: the WGAN -------------------------------------------------------------------------
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x_np))
     train_critic, c_opt, criterion, dp_loader = poisson_wiring(
-        critic, c_opt, RealTermLoss(), dataset, config.batch_size, plan.noise_multiplier, plan.sample_rate, "critic")
+        critic, c_opt, RealTermLoss(), dataset, config.batch_size, plan.noise_multiplier, plan.sample_rate, "critic",
+        clip_norm(config, "wgan"))
 
     snap_epochs = sorted({max(1, round(config.epochs * (i + 1) / max(1, config.checkpoints))) for i in range(max(1, config.checkpoints))})
     bar.update(start_epoch * plan.steps_per_epoch)
@@ -686,6 +711,8 @@ def train(
                              "planned_steps": plan.text_steps, "share": config.budget_shares["text"],
                              "rows": plan.text_n, "batch_size": config.text.batch_size,
                              "sampling": "Poisson over the patients with a note, q = 1/ceil(n_notes/text batch size)"}
+    for m, v in per_model.items():
+        v["max_grad_norm"] = None if non_private else clip_norm(config, m)
     if not non_private:
         for v in per_model.values():  # what each model would cost alone (for reading the split; not additive)
             v["epsilon_alone"] = SiteAccountant([Mechanism(v["mechanism"], v["noise_multiplier"], v["sample_rate"],

@@ -212,6 +212,24 @@ def test_sequence_linear_ghost_norm_is_the_exact_per_sample_norm(T):
     torch.testing.assert_close(got[layer.bias], g.sum(1).norm(dim=1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dense_max", [None, 0])  # the scatter (small tables) and Opacus' fallback
+def test_sequence_embedding_ghost_norm_is_the_exact_per_sample_norm(monkeypatch, dense_max):
+    from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+
+    import dpsynth.models.text as text_mod
+
+    if dense_max is not None:
+        monkeypatch.setattr(text_mod, "DENSE_EMBEDDING_NORM_MAX", dense_max)
+    torch.manual_seed(3)
+    layer = text_mod.SeqEmbedding(7, 5)
+    ids = torch.randint(0, 7, (6, 30))  # many repeated ids within each sample
+    g = torch.randn(6, 30, 5)
+    got = text_mod._seq_embedding_norm_sample(layer, [ids], g)[layer.weight]
+    dense = torch.stack([torch.zeros(7, 5).index_add_(0, ids[b], g[b]).flatten() for b in range(6)])
+    torch.testing.assert_close(got, dense.norm(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, compute_embedding_norm_sample(layer, [ids], g)[layer.weight], rtol=1e-5, atol=1e-6)
+
+
 def _private(model, ids, B, *, C, lr, mode):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids[: 4 * B]), batch_size=B)
     return make_private_text(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), loader=loader,

@@ -25,7 +25,8 @@ from dpsynth.models.flow import FlowConfig
 from dpsynth.models.text import TOKENIZER_KIND, TextConfig
 from dpsynth.privacy.accountant import SiteAccountant
 from dpsynth.schema import Schema, validate_frame
-from dpsynth.train import (CRITIC_MECHANISM, FLOW_MECHANISM, TEXT_MECHANISM, TrainConfig, load_model, train)
+from dpsynth.train import (CRITIC_MECHANISM, FLOW_MECHANISM, TEXT_MECHANISM, TrainConfig, default_models, load_model,
+                           resolve_models, train)
 
 TINY_TEXT = dict(d_model=32, layers=1, heads=4, max_len=96, batch_size=125)
 CFG = dict(epochs=1, batch_size=250, checkpoints=1, select=False, models=("wgan", "flow", "text"),
@@ -69,19 +70,22 @@ def dp_model(tmp_path_factory, ndf, tschema):
 # demo data
 # ------------------------------------------------------------------------------------------------
 
-def test_demo_data_notes_flag_adds_a_labelled_text_column_and_changes_nothing_else(tmp_path, demo_dir, capsys):
-    assert main(["demo-data", "--out", str(tmp_path / "d"), "--notes"]) == 0
+def test_demo_data_has_a_labelled_note_column_by_default_and_no_notes_changes_nothing_else(tmp_path, demo_dir, capsys):
+    assert main(["demo-data", "--out", str(tmp_path / "d")]) == 0
     assert NOTE_LABEL in capsys.readouterr().out
     s = Schema.load(tmp_path / "d" / "schema.json")
     assert s["note"].kind == "text" and NOTE_LABEL in s["note"].description
     assert s.names[:-1] == demo_schema().names
-    # the default demo is untouched (byte for byte): same files without the note column
+    # --no-notes gives the structured demo (as write_demo's default, demo_dir) byte for byte: the notes change
+    # nothing else
+    assert main(["demo-data", "--out", str(tmp_path / "plain"), "--no-notes"]) == 0
+    assert "note" not in Schema.load(tmp_path / "plain" / "schema.json").names
     assert "note" not in Schema.load(demo_dir / "schema.json").names
     for name in ("train.csv", "holdout.csv", "site_a.csv", "site_b.csv", "site_c.csv"):
         with_notes = pd.read_csv(tmp_path / "d" / name, keep_default_na=False, dtype=str)
         assert with_notes["note"].str.len().gt(0).all()
         plain = with_notes.drop(columns="note").to_csv(index=False, lineterminator="\n").encode()
-        assert plain == (demo_dir / name).read_bytes(), name
+        assert plain == (demo_dir / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,8 +121,14 @@ def test_one_accountant_charges_the_three_models(dp_model, capsys):
     load_model(out)  # every file matches its SHA-256
 
 
-def test_defaults_keep_text_opt_in():
-    assert TrainConfig().models == ("wgan", "flow") and TrainConfig().budget_shares["text"] == 1.0
+def test_the_default_patient_has_a_note_exactly_when_the_schema_has_a_text_column(tschema):
+    assert TrainConfig().models is None and TrainConfig().budget_shares["text"] == 1.0
+    assert default_models(tschema) == ("wgan", "flow", "text")
+    assert default_models(demo_schema()) == ("wgan", "flow")
+    assert resolve_models(TrainConfig(), tschema).models == ("wgan", "flow", "text")
+    assert resolve_models(TrainConfig(models=("wgan",)), tschema).models == ("wgan",)  # an explicit choice stays
+    with pytest.raises(ModelError, match="canaries"):  # checked once the default is resolved
+        resolve_models(TrainConfig(canaries=1), demo_schema())
     assert TEXT_EPOCHS == TextConfig().epochs
     old = TrainConfig().to_json()
     old.pop("text"), old.pop("canaries")  # a model directory written before the note model
@@ -254,7 +264,10 @@ def test_text_model_needs_one_text_column_and_the_notes(tmp_path, ndf, tschema, 
     with pytest.raises(DataError, match="'note'"):  # the note column is absent from the data
         train(ndf.drop(columns="note"), tschema, out=tmp_path / "c", epsilon=3.0, delta=1e-5, config=c, progress=False)
     with pytest.raises(ModelError, match="--canaries"):
-        TrainConfig(canaries=2)  # canaries without the text model
+        TrainConfig(canaries=2, models=("wgan", "flow"))  # canaries without the text model
+    with pytest.raises(ModelError, match="--canaries"):  # ... also when the default has no text model
+        train(train_df.iloc[:1000], schema, out=tmp_path / "e", epsilon=3.0, delta=1e-5,
+              config=TrainConfig(canaries=2), progress=False)
     with pytest.raises(DataError, match="notes"):  # fewer notes than one text batch
         train(ndf.assign(note=[None] * 950 + ["x"] * 50), tschema, out=tmp_path / "d", epsilon=3.0, delta=1e-5,
               config=c, progress=False)

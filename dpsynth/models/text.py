@@ -333,20 +333,57 @@ def _seq_linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], b
     return compute_linear_norm_sample(layer, activations, backprops)
 
 
-def _register_seq_linear() -> None:
+class SeqEmbedding(nn.Embedding):
+    """An nn.Embedding (same parameters, same forward) whose Opacus ghost norm is computed by one scatter.
+
+    The per-sample gradient of an embedding table is G_b[v] = Σ_{t: id_bt = v} g_bt. Opacus' norm sampler forms
+    it through ``unique`` over (sample, id) pairs, which on CPU costs ≈ 1 s per step for our [256, 256] batches
+    (Python-level indexing). For a small table (bytes + condition tokens, or positions) the dense [B, V, d]
+    per-sample gradient is a few million floats: one ``scatter_add`` and a norm give the same exact value.
+    Larger tables fall back to Opacus' sampler. Registered for this subclass only.
+    """
+
+
+DENSE_EMBEDDING_NORM_MAX = 32_000_000  # B·V·d floats (128 MB) above which the Opacus sampler is used
+
+
+def _seq_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+
+    ids = activations[0]
+    B = ids.shape[0]
+    if not layer.weight.requires_grad:
+        return {}
+    if B * layer.num_embeddings * layer.embedding_dim > DENSE_EMBEDDING_NORM_MAX:
+        return compute_embedding_norm_sample(layer, activations, backprops)
+    g = backprops.reshape(B, -1, layer.embedding_dim)
+    idx = ids.reshape(B, -1, 1).expand(-1, -1, layer.embedding_dim)
+    per_sample = torch.zeros(B, layer.num_embeddings, layer.embedding_dim, dtype=g.dtype, device=g.device)
+    per_sample.scatter_add_(1, idx, g)
+    return {layer.weight: per_sample.flatten(1).norm(dim=1)}
+
+
+def _register(cls: type, norm_fn, grad_fn) -> None:
     from opacus.grad_sample import GradSampleModuleFastGradientClipping as GSM
-    from opacus.grad_sample.linear import compute_linear_grad_sample
     from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
 
-    for registry, fn, register in ((GSM.NORM_SAMPLERS, _seq_linear_norm_sample, register_norm_sampler),
-                                   (GSM.GRAD_SAMPLERS, compute_linear_grad_sample, register_grad_sampler)):
-        have = registry.get(SeqLinear)
+    for registry, fn, register in ((GSM.NORM_SAMPLERS, norm_fn, register_norm_sampler),
+                                   (GSM.GRAD_SAMPLERS, grad_fn, register_grad_sampler)):
+        have = registry.get(cls)
         if have is not None and have is not fn:  # refuse to silently replace someone else's sampler
-            raise RuntimeError(f"an Opacus sampler for SeqLinear is already registered: {have}")
-        register(SeqLinear)(fn)
+            raise RuntimeError(f"an Opacus sampler for {cls.__name__} is already registered: {have}")
+        register(cls)(fn)
 
 
-_register_seq_linear()
+def _register_samplers() -> None:
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    _register(SeqLinear, _seq_linear_norm_sample, compute_linear_grad_sample)
+    _register(SeqEmbedding, _seq_embedding_norm_sample, compute_embedding_grad_sample)
+
+
+_register_samplers()
 
 
 @dataclass
@@ -423,8 +460,8 @@ class NoteLM(nn.Module):
         self.vocab_size = int(vocab_size)
         self.prefix_len = int(prefix_len)
         d = config.d_model
-        self.tok = nn.Embedding(vocab_size, d)
-        self.pos = nn.Embedding(config.max_len, d)
+        self.tok = SeqEmbedding(vocab_size, d)
+        self.pos = SeqEmbedding(config.max_len, d)
         self.blocks = nn.ModuleList([Block(d, config.heads, config.mlp) for _ in range(config.layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = SeqLinear(d, vocab_size)  # untied from self.tok: ghost clipping refuses shared parameters
