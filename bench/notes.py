@@ -112,8 +112,8 @@ def summarise(runs: list[dict]) -> dict:
                                     "lower_bound_max": max(r["canary_exposure"]["per_count"][c]["lower_bound"] for r in rs)}
                                 for c in per_count},
             "canary_chance": rs[0]["canary_exposure"]["chance"] if rs[0]["canary_exposure"] else None,
-            "ngram_overlap_excess": ms([r["gate_checks"]["ngram_overlap"].get("excess") for r in rs]),
-            "identifier_replay": ms([r["gate_checks"]["identifier_replay"].get("count") for r in rs]),
+            "ngram_overlap_excess": ms([(r["gate_checks"]["ngram_overlap"].get("excess") or {}).get("value") for r in rs]),
+            "identifier_replay": ms([r["gate_checks"]["identifier_replay"].get("replayed_values") for r in rs]),
         }
     return summary
 
@@ -153,6 +153,7 @@ def main() -> None:
                       f"consistency {s.get('consistency')} tstr {s.get('tstr_ratio')} 2-sample AUC {s.get('two_sample_auc')}",
                       file=sys.stderr)
                 runs.append(r)
+                save(a.save + ".partial", {"runs": runs})  # nothing measured is lost if a later run fails
     summary = summarise(runs)
     e8 = summary.get("eps=8")
     verdict = None
@@ -174,6 +175,7 @@ def main() -> None:
         "runs": runs,
         "environment": environment(),
     })
+    (Path(__file__).resolve().parent / "results" / f"{a.save}.partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,32 @@ def main() -> None:
               f" | {f(ref['mean_ks'])} | {f(ref['bmi_raw']['violation_rate'])} | {f(ref['bmi_raw']['mean_rel_error'], 4)} | — |")
         t = v.get("targets_at_eps3") or {}
         print("\nTargets at ε = 3: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
+    nb = load("notes")
+    if nb:
+        def m(x, d=3):
+            return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
+
+        tc = nb["text_config"]
+        print(f"**`bench/notes.py`** — notes of the chained patient on the demo cohort (rendered demonstration notes, not "
+              f"real clinical text), {nb['runs'][0]['n_synthetic']} synthetic patients, {nb['canaries_per_count']} "
+              f"canaries per repetition count, note model {tc if isinstance(tc, str) else ', '.join(f'{k} {v}' for k, v in tc.items())} "
+              f"({nb['environment']['time_utc'][:10]}, 2 cores):\n")
+        print("| setting | note-model training s | whole fit s | condition consistency | note TSTR/TRTR | two-sample AUC | "
+              "distinct-2 syn / real | self-BLEU syn / real | perplexity holdout / train | canary exposure, bits, 0× (controls) / 1× / 4× / 16× "
+              f"(chance {nb['runs'][0]['canary_exposure']['chance']:.2f}; gate: lower bound of 16×) | 8-gram overlap excess |")
+        print("|---" * 11 + "|")
+        order = sorted(nb["summary"], key=lambda k: (k == "non-private", float(k.split("=")[1]) if "=" in k else 0))
+        for k in order:
+            s_ = nb["summary"][k]
+            exp = s_["canary_exposure"].get("16") or {}
+            exps = " / ".join(f"{s_['canary_exposure'][c]['mean']['mean']:.2f}" for c in ("0", "1", "4", "16") if c in s_["canary_exposure"])
+            print(f"| {k} | {m(s_['text_phase_seconds'], 0)} | {m(s_['fit_seconds'], 0)} | {m(s_.get('consistency'))} | "
+                  f"{m(s_.get('tstr_ratio'))} | {m(s_.get('two_sample_auc'))} | {m(s_.get('distinct_2_synthetic'))} / "
+                  f"{m(s_.get('distinct_2_real'))} | {m(s_.get('self_bleu_synthetic'))} / {m(s_.get('self_bleu_real'))} | "
+                  f"{m(s_.get('perplexity_holdout'), 2)} / {m(s_.get('perplexity_train'), 2)} | {exps} "
+                  f"(16× lower bound {exp.get('lower_bound_max', float('nan')):.2f}) | {m(s_.get('ngram_overlap_excess'), 4)} |")
+        t = nb.get("targets_at_eps8") or {}
+        print("\nTargets at ε = 8: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
     fd = load("demo_fed")
     if fd:
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())

@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("VARIANT", "EPS", "SEED"))
     ap.add_argument("--data")
     ap.add_argument("--save", default="vitals", help="results/<name>.json")
+    ap.add_argument("--keep-other-variants", action="store_true",
+                    help="keep the runs of the variants not rerun from the existing results/<save>.json (e.g. rerun "
+                         "only wgan+flow after a flow change: the wgan-only runs do not involve the flow)")
     ap.add_argument("--flow", help="FlowConfig overrides as JSON, e.g. '{\"max_grad_norm\": 5}' (default: FlowConfig's)")
     ap.add_argument("--shares", help="budget shares as JSON, e.g. '{\"wgan\": 1, \"flow\": 1}' (default: TrainConfig's)")
     a = ap.parse_args()
@@ -153,6 +156,15 @@ def main() -> None:
                           f"height {r['columns']['height']['ks']:.3f} weight {r['columns']['weight']['ks']:.3f} "
                           f"bmi viol {r['bmi_raw']['violation_rate']:.3f}", file=sys.stderr)
                     runs.append(r)
+    kept = []
+    if a.keep_other_variants:
+        from _common import RESULTS
+
+        old = json.loads((RESULTS / f"{a.save}.json").read_text())
+        kept = [r for r in old["runs"] if r["variant"] not in a.variants]
+        for r in kept:
+            r.setdefault("measured_utc", old["environment"]["time_utc"])
+        runs = kept + runs
     summary = summarise(runs)
     f3, w3 = summary.get("wgan+flow @ eps=3"), summary.get("wgan-only @ eps=3")
     verdict = None
@@ -172,6 +184,7 @@ def main() -> None:
         "targets_at_eps3": verdict,
         "budget_shares": json.loads(a.shares) if a.shares else "TrainConfig default",
         "flow_config": json.loads(a.flow) if a.flow else "FlowConfig default",
+        "kept_runs": f"{len(kept)} runs of {sorted({r['variant'] for r in kept})} kept from the previous results" if kept else None,
         "runs": runs,
         "environment": environment(),
     })

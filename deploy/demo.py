@@ -25,6 +25,9 @@ DEMO_RUN_CONFIG = {
     "release-rows": 4000,
     "min-sites": 2,
     "expected-sites": 3,
+    # the note model, small for the demo (3 sites share 2 cores): 3 epochs over the whole run
+    "text-epochs": 3,
+    "text-d-model": 32,
 }
 
 
@@ -32,7 +35,7 @@ def prepare_sites(out: Path) -> dict:
     """The demo cohort and one directory per hospital (data file, schema, policy, state)."""
     from dpsynth.data.demo import write_demo
 
-    info = write_demo(out / "data")
+    info = write_demo(out / "data", notes=True)  # rendered demonstration notes (labelled: not real clinical text)
     for s in SITES:
         d = out / "sites" / s
         d.mkdir(parents=True, exist_ok=True)

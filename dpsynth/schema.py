@@ -46,6 +46,9 @@ def canonical_category(value: Any) -> str:
     return str(value)
 
 
+MAX_VOCABULARY = 16_384  # word pieces of a text column's public vocabulary
+
+
 @dataclass
 class Column:
     name: str
@@ -58,6 +61,10 @@ class Column:
     bounds_source: str = "public"  # public | dp | data-draft
     review: str | None = None  # set on draft columns: what a person must check before training
     description: str = ""
+    # text columns only: public word pieces the note tokenizer may use as single tokens (everything else is
+    # spelled in UTF-8 bytes). Public like bounds: written by a person, derived from public text, or DP-selected
+    # with its spend in ``dp_spend`` — never read off the private notes for free.
+    vocabulary: list[str] | None = None
 
     def validate(self) -> None:
         where = f"column {self.name!r}"
@@ -82,6 +89,16 @@ class Column:
                 raise SchemaError(f"{where}: duplicate categories {dup}")
         if self.bounds_source not in ("public", "dp", "data-draft"):
             raise SchemaError(f"{where}: bounds_source {self.bounds_source!r} is not public, dp or data-draft")
+        if self.vocabulary is not None:
+            if self.kind != "text":
+                raise SchemaError(f"{where}: only text columns have a vocabulary (kind is {self.kind!r})")
+            v = self.vocabulary
+            if not isinstance(v, list) or not all(isinstance(w, str) and w for w in v):
+                raise SchemaError(f"{where}: vocabulary must be a list of non-empty strings")
+            if len(set(v)) != len(v):
+                raise SchemaError(f"{where}: vocabulary has duplicate entries {sorted({w for w in v if v.count(w) > 1})[:5]}")
+            if len(v) > MAX_VOCABULARY:
+                raise SchemaError(f"{where}: vocabulary has {len(v)} entries, more than {MAX_VOCABULARY}")
 
     def to_json(self) -> dict:
         d = asdict(self)

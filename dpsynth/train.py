@@ -44,7 +44,7 @@ from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameter
 from .io_utils import atomic_write_json, read_json, sha256_file
 from .models.dp import PerSampleLoss, make_private
 from .models.flow import FlowConfig, flow_epoch, new_flow
-from .models.text import TOKENIZER_KIND, NoteLM, NoteTokenizer, TextConfig, text_epoch
+from .models.text import NoteLM, NoteTokenizer, TextConfig, text_epoch
 from .models.wgan import Critic, Generator, RealTermLoss, WGANConfig, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise, calibrate_split
@@ -76,7 +76,8 @@ PRIVACY_STATEMENT = (
 TEXT_STATEMENT = (
     " The note generator is trained with DP-SGD charged to the same accountant (one example per patient with a "
     "note: the whole note is clipped as one example; patients without a note are not in its dataset). Its "
-    "tokenizer is byte-level with condition tokens built from the schema only: nothing is fitted on the notes."
+    "tokenizer is byte-level plus the schema's public word pieces and condition tokens built from the schema only: "
+    "nothing is fitted on the notes."
 )
 NOT_PRIVATE = "NOT DIFFERENTIALLY PRIVATE: trained with --non-private, for comparison only. Do not release."
 
@@ -744,7 +745,7 @@ def train(
         "selection": selection_report,
     }
     if text is not None:
-        privacy["tokenizer"] = TOKENIZER_KIND
+        privacy["tokenizer"] = tok.kind
     manifest = {
         "format": MODEL_FORMAT,
         "dpsynth_version": __version__,

@@ -143,3 +143,18 @@ def test_significance_rule_applies_only_to_listed_checks():
     strict.audit["significance_required"] = []
     checks = {c["check"]: c for c in decide(attacks, DP, strict)["checks"]}
     assert not checks["dcr.share"]["passed"]
+
+
+def test_identifier_replay_in_text_ignores_short_numbers_and_counts_mrn_like_ones():
+    """A 5-digit number in a note is a quantity as often as an id (NAFLD ids are dense 1–5 digit integers); a
+    6-digit MRN-like number or a 5-character alphanumeric id of a training patient is a replay."""
+    from audits.attacks import identifier_replay
+    from dpsynth.schema import Column, Schema
+
+    schema = Schema([Column("id", "identifier"), Column("note", "text", nullable=True)], name="t")
+    train = pd.DataFrame({"id": ["12345", "654321", "AB123"], "note": ["x", "y", "z"]})
+    syn = pd.DataFrame({"id": ["SYN-1", "SYN-2", "SYN-3"],
+                        "note": ["wt 12345 g", "MRN 654321 seen", "ref AB123; 99999"]})
+    assert identifier_replay(train, syn, schema)["replayed_values"] == 2  # 654321 and AB123, not 12345
+    syn_id = syn.assign(id=["12345", "SYN-2", "SYN-3"])  # an exact id value in an identifier column always counts
+    assert identifier_replay(train, syn_id, schema)["replayed_values"] == 3

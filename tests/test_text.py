@@ -153,6 +153,56 @@ def test_tokenizer_round_trips_and_counts_bad_input(schema, train_df, tok):
     assert list(enc.ids[0, 1 : tok.prefix_len - 1]) == tok.encode_condition(rows.iloc[0])
 
 
+def test_word_pieces_of_the_public_vocabulary_are_one_token_and_everything_else_is_bytes(schema, train_df):
+    from dpsynth.data.demo import demo_schema_with_notes
+    from dpsynth.models.text import WORD_TOKENIZER_KIND
+
+    wt = NoteTokenizer.from_schema(demo_schema_with_notes(), max_len=40)
+    assert wt.kind == WORD_TOKENIZER_KIND and len(wt.words) > 500
+    assert wt.vocab_size == NoteTokenizer.from_schema(schema).vocab_size + len(wt.words)
+    text = "Pt c/o fatigue. HTN, DM2; zyxwv 12345 café ☕"
+    ids = wt.encode_text(text)
+    assert wt.decode(ids) == text  # exact round trip
+    names = [wt.token_name(i) for i in ids]
+    assert " HTN" in names and " fatigue" in names  # known pieces are single tokens, with their leading space
+    assert "z" in names and " zyxwv" not in names  # an unknown word is spelled in bytes (ASCII bytes name themselves)
+    assert len(ids) < len(text.encode("utf-8"))
+    # every rendered demo note round-trips and is ~3 × shorter than its bytes
+    notes = render_notes(train_df.iloc[:300], seed=0)
+    lens = [len(wt.encode_text(n)) for n in notes]
+    assert all(wt.decode(wt.encode_text(n)) == n for n in notes)
+    assert np.mean(lens) < 0.45 * np.mean([len(n.encode("utf-8")) for n in notes])
+    # truncation cuts between pieces; persistence keeps the word list; generation may use words, bytes, EOS
+    enc = encoded(wt, train_df.iloc[:1], [" continue" * 40])
+    assert wt.decode(enc.ids[0]) == " continue" * (40 - wt.prefix_len - 1) and enc.truncated == 1
+    again = NoteTokenizer.from_json(wt.to_json())
+    assert again.words == wt.words and again.vocab_size == wt.vocab_size and again.kind == wt.kind
+    gen = set(wt.generable())
+    assert EOS in gen and wt.word_ids[" HTN"] in gen and 255 in gen
+    assert not gen & {PAD, BOS, SEP} and not gen & set(range(260, wt.word_offset))  # no condition tokens
+
+
+def test_the_demo_vocabulary_is_the_renderer_language_without_any_patient():
+    """The shipped word list is exactly what public_vocabulary() derives from the schema and the renderer's
+    code (random public records, no patient): regenerated here, so an edit of the renderer cannot drift."""
+    from dpsynth.data.demo import demo_note_vocabulary, demo_schema
+    from dpsynth.data.notes import public_vocabulary
+
+    assert public_vocabulary(demo_schema()) == demo_note_vocabulary()
+
+
+def test_a_vocabulary_is_only_for_text_columns_and_must_be_clean():
+    from dpsynth.errors import SchemaError
+    from dpsynth.schema import Column
+
+    Column("n", "text", vocabulary=[" a", "bc"]).validate()
+    for bad, msg in ((Column("x", "binary", vocabulary=[" a"]), "only text"),
+                     (Column("n", "text", vocabulary=[" a", " a"]), "duplicate"),
+                     (Column("n", "text", vocabulary=[" a", ""]), "non-empty")):
+        with pytest.raises(SchemaError, match=msg):
+            bad.validate()
+
+
 # ------------------------------------------------------------------------------------------------
 # model
 # ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dpsynth.errors import DataError, ModelError
 from dpsynth.data.io import read_table, write_table
 from dpsynth.generate import GENERATED_NOTE_LABEL, clean_note, generate
 from dpsynth.models.flow import FlowConfig
-from dpsynth.models.text import TOKENIZER_KIND, TextConfig
+from dpsynth.models.text import WORD_TOKENIZER_KIND, TextConfig
 from dpsynth.privacy.accountant import SiteAccountant
 from dpsynth.schema import Schema, validate_frame
 from dpsynth.train import (CRITIC_MECHANISM, FLOW_MECHANISM, TEXT_MECHANISM, TrainConfig, default_models, load_model,
@@ -107,17 +107,17 @@ def test_one_accountant_charges_the_three_models(dp_model, capsys):
     assert sum(x.steps for x in acc.history if x.mechanism == TEXT_MECHANISM) == 16
     without_text = SiteAccountant([x for x in acc.history if x.mechanism != TEXT_MECHANISM]).epsilon(1e-5)
     assert without_text < p["epsilon"] - 0.1  # the note model's spend is not hidden
-    assert p["tokenizer"] == TOKENIZER_KIND and "note generator" in p["statement"]
+    assert p["tokenizer"] == WORD_TOKENIZER_KIND and "note generator" in p["statement"]
     for f in ("text.safetensors", "tokenizer.json", "canaries.json"):
         assert len(m["files"][f]) == 64
     notes = m["data"]["notes"]
     assert notes["column"] == "note" and notes["notes"] == 1000 and notes["missing"] == 0
     assert notes["trained_on"] == 1000 and notes["canary_notes_planted"] == 21 and NOTE_LABEL in notes["label"]
     assert len(m["training"]["text_epoch_nll"]) == 2
-    assert budget_view(str(out))["tokenizer"] == TOKENIZER_KIND
+    assert budget_view(str(out))["tokenizer"] == WORD_TOKENIZER_KIND
     assert main(["budget", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"tokenizer         {TOKENIZER_KIND}" in printed and TEXT_MECHANISM in printed
+    assert f"tokenizer         {WORD_TOKENIZER_KIND}" in printed and TEXT_MECHANISM in printed
     load_model(out)  # every file matches its SHA-256
 
 

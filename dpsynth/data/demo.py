@@ -51,12 +51,23 @@ def demo_schema() -> Schema:
         return Schema.from_json(json.load(f), where="dpsynth/data/nafld_schema.json")
 
 
+def demo_note_vocabulary() -> list[str]:
+    """The demo note column's public word pieces (dpsynth/data/demo_note_vocabulary.json, written by
+    ``dpsynth.data.notes.public_vocabulary(demo_schema())``: the renderer's language, no patient involved)."""
+    import json
+
+    with resources.files("dpsynth.data").joinpath("demo_note_vocabulary.json").open(encoding="utf-8") as f:
+        return list(json.load(f)["words"])
+
+
 def demo_schema_with_notes() -> Schema:
-    """The demo schema plus the rendered note column (kind ``text``, labelled with NOTE_LABEL)."""
+    """The demo schema plus the rendered note column (kind ``text``, labelled with NOTE_LABEL, with the
+    renderer's public word pieces as its ``vocabulary``)."""
     d = demo_schema().to_json()
     d["columns"].append(Column(
         NOTE_COLUMN, "text", nullable=True,
         description=f"{NOTE_LABEL}: rendered from the patient's own record by dpsynth.data.notes (seed {NOTE_SEED})",
+        vocabulary=demo_note_vocabulary(),
     ).to_json())
     return Schema.from_json(d, where="demo schema with notes")
 

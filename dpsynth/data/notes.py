@@ -330,3 +330,44 @@ def render_notes(df: pd.DataFrame, seed: int, *, exclude: tuple[str, ...] = NOT_
     out = pd.Series(notes, index=df.index, name="note", dtype=object)
     out.attrs["label"] = NOTE_LABEL
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo's public word list
+# ------------------------------------------------------------------------------------------------
+
+VOCAB_RECORDS = 4000  # public random records rendered to find the renderer's word pieces
+VOCAB_MIN_COUNT = 8  # a piece must occur this often among their notes
+VOCAB_SEED = 20261126
+
+
+def public_vocabulary(schema, *, n: int = VOCAB_RECORDS, min_count: int = VOCAB_MIN_COUNT, seed: int = VOCAB_SEED) -> list[str]:
+    """The word pieces of the renderer's own language, found without any patient: ``n`` records drawn at random
+    from the schema's public description (uniform within the public bounds, a fair coin for binary columns, a
+    uniform category, 10 % missing where nullable) are rendered, and every piece (``models.text.PIECE``: a
+    word or number with its leading space) longer than one byte that occurs at least ``min_count`` times is
+    kept, most frequent first. Public by construction (code + schema + seed): it is the demo schema's note
+    ``vocabulary``. A real consortium writes its own (a clinical word list) or selects one with DP."""
+    from ..models.text import PIECE
+
+    rng = np.random.default_rng(seed)
+    cols = {}
+    for c in schema.columns:
+        if c.kind == "continuous":
+            v = rng.uniform(float(c.lower), float(c.upper), n)
+            cols[c.name] = np.round(v) if c.integer else v
+        elif c.kind == "binary":
+            cols[c.name] = rng.integers(0, 2, n).astype(float)
+        elif c.kind == "categorical":
+            cols[c.name] = np.asarray(c.categories, dtype=object)[rng.integers(0, len(c.categories), n)]
+        else:
+            continue
+        if c.nullable:
+            cols[c.name] = pd.Series(cols[c.name], dtype=object).where(rng.random(n) >= 0.1, None)
+    counts: dict[str, int] = {}
+    for note in render_notes(pd.DataFrame(cols), seed):
+        for m in PIECE.finditer(note):
+            w = m.group()
+            if len(w.encode("utf-8")) > 1:
+                counts[w] = counts.get(w, 0) + 1
+    return [w for w, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if k >= min_count]

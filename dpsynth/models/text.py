@@ -6,12 +6,17 @@ Sequence of one patient (fixed prefix length for a schema):
          └ condition ┘    └ note (UTF-8 bytes) ┘
 
 Tokenizer — nothing is fitted on private text (issue 7, req. 2). The vocabulary is
-  * the 256 byte values (any text is representable: no out-of-vocabulary, no learned merges),
+  * the 256 byte values (any text is representable: no out-of-vocabulary),
   * four special tokens (PAD, BOS, EOS, SEP),
   * condition tokens built only from the schema: one token per value of each binary column, per category
     of each categorical column, per band of each continuous column, plus a missing-value token per column.
     Bands use fixed public clinical cut-offs (age decades, WHO BMI classes, systolic BP stages) when they lie
-    inside the schema's public bounds, otherwise equal-width bands of the public bounds — never quantiles.
+    inside the schema's public bounds, otherwise equal-width bands of the public bounds — never quantiles;
+  * the word pieces of the text column's public ``vocabulary`` in the schema, when it has one (a word or a
+    number with its leading space, ``PIECE``): such a piece is one token, anything else is spelled in bytes.
+    The list is public like the bounds (written by a person, derived from public text, or DP-selected with the
+    spend in the schema); the demo's comes from rendering random public records (data.notes.public_vocabulary).
+    It cuts a rendered demo note from ≈ 160 byte tokens to a median 52, and a DP step's cost with it.
 So the tokenizer costs no privacy budget and can be published with the model (``to_json``).
 
 Model — built only from nn.Embedding, nn.Linear, nn.LayerNorm and causal
@@ -39,11 +44,10 @@ Cost: the Gram trick is O(B·T²·d) per Linear layer, so a step costs roughly q
 note of the Poisson batch; ``text_step`` trims each batch to its longest sequence (no privacy effect: the
 computation is identical, only PAD columns are dropped).
 
-Measured on the 2-core development machine (benchmarks running concurrently, so upper bounds), default
-config (d_model 64, 2 layers, 4 heads, max_len 256), Poisson batch ≈ 256 rendered NAFLD notes (longest ≈ 256
-tokens), ms per step: plain 2,100 · DP ghost 4,800 (with ``SeqLinear``; 8,400 with Opacus' Gram-only norm at
-max_len 320) · DP hooks 3,550. Hooks mode is faster for this small model (one backward pass; per-sample
-gradients are only B × 160k floats), ghost is the house default; ``make_private_text`` takes either.
+Measured on the 2-core development machine, Poisson batch ≈ 256 rendered NAFLD notes, DP ghost clipping, seconds
+per step: byte tokens, d_model 64, max_len 256: 4.8 with Opacus' embedding norm sampler, 1.76 with
+``SeqEmbedding``; word pieces, max_len 128: 0.84 (hooks mode was 3.55 against 4.8 before ``SeqEmbedding``).
+Ghost is the house default; ``make_private_text`` takes either.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -80,6 +85,11 @@ __all__ = [
 ]
 
 TOKENIZER_KIND = "byte-level UTF-8 + public schema condition tokens (no vocabulary fitted on data: no privacy cost)"
+WORD_TOKENIZER_KIND = ("UTF-8 bytes + the schema's public word pieces (text column 'vocabulary') + public schema "
+                       "condition tokens (nothing fitted on the notes: no privacy cost)")
+# a note is cut into pieces: a word or a number with its leading space, or any single character; the pieces
+# concatenate back to the note exactly. A piece in the public vocabulary is one token, any other is spelled in bytes.
+PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]+|.", re.S)
 N_BYTES = 256
 PAD, BOS, EOS, SEP = 256, 257, 258, 259
 SPECIALS = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, "<sep>": SEP}
@@ -155,7 +165,7 @@ class EncodedNotes:
 class NoteTokenizer:
     """Byte-level tokenizer with public condition tokens derived from the schema (see module docstring)."""
 
-    def __init__(self, columns: list[CondColumn], *, max_len: int = 256):
+    def __init__(self, columns: list[CondColumn], *, max_len: int = 256, words: Iterable[str] = ()):
         self.columns = columns
         self.max_len = int(max_len)
         self.offsets: list[int] = []
@@ -163,15 +173,31 @@ class NoteTokenizer:
         for c in columns:
             self.offsets.append(nxt)
             nxt += len(c.values)
+        self.words = [w for w in words if len(w.encode("utf-8")) > 1]  # one byte is already a token
+        self.word_offset = nxt
+        self.word_ids = {w: nxt + i for i, w in enumerate(self.words)}
+        self.word_bytes = [w.encode("utf-8") for w in self.words]
+        nxt += len(self.words)
         self.vocab_size = nxt
         self.prefix_len = len(columns) + 2  # BOS + one token per column + SEP
         if self.max_len < self.prefix_len + 1:
             raise ValueError(f"max_len {self.max_len} leaves no room for a note after the {self.prefix_len}-token prefix")
 
     # ---- construction / persistence ---------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return WORD_TOKENIZER_KIND if self.words else TOKENIZER_KIND
+
+    def generable(self) -> list[int]:
+        """The token ids a note may contain: bytes, the word pieces and EOS."""
+        return list(range(N_BYTES)) + [EOS] + list(range(self.word_offset, self.word_offset + len(self.words)))
+
     @classmethod
     def from_schema(cls, schema: Schema, *, max_len: int = 256, columns: Iterable[str] | None = None) -> NoteTokenizer:
-        """Condition slots for the schema's modelled columns (or ``columns``), from public information only."""
+        """Condition slots for the schema's modelled columns (or ``columns``), and the word pieces of its text
+        column's public ``vocabulary`` (if any), from public information only."""
+        texts = schema.of_kind("text")
+        words = (texts[0].vocabulary or []) if len(texts) == 1 else []
         names = list(columns) if columns is not None else [c.name for c in schema.modelled]
         out = []
         for name in names:
@@ -186,11 +212,11 @@ class NoteTokenizer:
                 out.append(CondColumn(name, "continuous", labels + [MISSING], e))
             else:
                 raise ValueError(f"column {name!r} of kind {col.kind!r} cannot condition a note")
-        return cls(out, max_len=max_len)
+        return cls(out, max_len=max_len, words=words)
 
     def to_json(self) -> dict:
-        return {"version": 1, "kind": TOKENIZER_KIND, "max_len": self.max_len, "specials": SPECIALS,
-                "columns": [asdict(c) for c in self.columns]}
+        return {"version": 1, "kind": self.kind, "max_len": self.max_len, "specials": SPECIALS,
+                "columns": [asdict(c) for c in self.columns], "words": list(self.words)}
 
     @classmethod
     def from_json(cls, d: dict) -> NoteTokenizer:
@@ -199,7 +225,7 @@ class NoteTokenizer:
         if d.get("specials", SPECIALS) != SPECIALS:
             raise ValueError("special token ids differ from this version's")
         cols = [CondColumn(c["name"], c["kind"], list(c["values"]), [float(x) for x in c.get("edges", [])]) for c in d["columns"]]
-        return cls(cols, max_len=int(d["max_len"]))
+        return cls(cols, max_len=int(d["max_len"]), words=[str(w) for w in d.get("words", [])])
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True)
@@ -214,6 +240,8 @@ class NoteTokenizer:
         for c, off in zip(self.columns, self.offsets):
             if off <= i < off + len(c.values):
                 return f"{c.name}={c.values[i - off]}"
+        if self.word_offset <= i < self.vocab_size:
+            return self.words[i - self.word_offset]
         raise ValueError(f"token id {i} is outside the vocabulary ({self.vocab_size})")
 
     def condition_token(self, column: str, value: Any) -> int:
@@ -250,9 +278,21 @@ class NoteTokenizer:
             bad = sum(1 for ch in text if 0xD800 <= ord(ch) <= 0xDFFF)
             return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text).encode("utf-8"), bad
 
+    def _pieces(self, b: bytes) -> list[list[int]]:
+        """Token ids of a (valid UTF-8) note, grouped by piece: one word token, or the piece's bytes."""
+        if not self.words:  # bytes only, grouped by character (a cut never splits a UTF-8 character)
+            return [list(ch.encode("utf-8")) for ch in b.decode("utf-8")]
+        out = []
+        for m in PIECE.finditer(b.decode("utf-8")):
+            w = m.group()
+            i = self.word_ids.get(w)
+            out.append([i] if i is not None else list(w.encode("utf-8")))
+        return out
+
     def encode_text(self, note: str | bytes) -> list[int]:
-        """The byte ids of a note (no specials, no truncation). Invalid UTF-8 is replaced by U+FFFD."""
-        return list(self._to_bytes(note)[0])
+        """The token ids of a note (no specials, no truncation): word pieces of the public vocabulary as one
+        token, everything else as UTF-8 bytes. Invalid UTF-8 is replaced by U+FFFD."""
+        return [t for p in self._pieces(self._to_bytes(note)[0]) for t in p]
 
     def encode(self, rows: pd.DataFrame, notes: Iterable[Any] | None) -> EncodedNotes:
         """Full padded sequences for a frame of records and their notes (``notes`` None: prefixes only,
@@ -278,17 +318,17 @@ class NoteTokenizer:
             replaced += bad
             if not b:
                 empty += present[i]
-            if len(b) > room:
-                truncated += 1
-                cut = room
-                while cut > 0 and (b[cut] & 0xC0) == 0x80:  # do not split a UTF-8 character
-                    cut -= 1
-                b = b[:cut]
+            toks: list[int] = []
+            for p in self._pieces(b):
+                if len(toks) + len(p) > room:  # cut at a piece (so never inside a UTF-8 character)
+                    truncated += 1
+                    break
+                toks += p
             k = self.prefix_len
-            ids[i, k : k + len(b)] = np.frombuffer(b, dtype=np.uint8)
-            ids[i, k + len(b)] = EOS
+            ids[i, k : k + len(toks)] = toks
+            ids[i, k + len(toks)] = EOS
         if truncated:
-            warnings.warn(f"{truncated} of {n} notes were longer than {room} bytes and were truncated", stacklevel=2)
+            warnings.warn(f"{truncated} of {n} notes were longer than {room} tokens and were truncated", stacklevel=2)
         return EncodedNotes(ids, present, truncated, replaced, int(empty), missing)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -299,7 +339,13 @@ class NoteTokenizer:
             ids = ids[ids.index(SEP) + 1 :]
         if EOS in ids:
             ids = ids[: ids.index(EOS)]
-        return bytes(i for i in ids if 0 <= i < N_BYTES).decode("utf-8", errors="replace")
+        out = bytearray()
+        for i in ids:
+            if 0 <= i < N_BYTES:
+                out.append(i)
+            elif self.word_offset <= i < self.vocab_size:
+                out += self.word_bytes[i - self.word_offset]
+        return out.decode("utf-8", errors="replace")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,9 +440,12 @@ class TextConfig:
     layers: int = 2
     heads: int = 4
     mlp: int = 4  # hidden width of the MLP = mlp × d_model
-    max_len: int = 256  # tokens incl. the condition prefix (22 for NAFLD): ~1 % of rendered demo notes truncated
-    lr: float = 3e-3
-    epochs: int = 5
+    # tokens incl. the condition prefix (22 for NAFLD). With the demo's public word pieces a rendered note is
+    # a median 52 tokens (99th percentile 86; ~160 bytes); byte-only tokenizers need ≈ 256
+    max_len: int = 128
+    # DP, ε 8 share, 2 epochs (bench probe): note NLL 2.46 nats/token at lr 1e-2 vs 3.36 at 3e-3
+    lr: float = 1e-2
+    epochs: int = 5  # ≈ 0.85 s per DP step at batch 256 on 2 cores: 5 epochs of the demo cohort ≈ 3.5–4 min
     batch_size: int = 256
     # sampling defaults used by dpsynth.generate (post-processing: no privacy effect)
     temperature: float = 1.0
@@ -617,8 +666,7 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
     room = tokenizer.max_len - tokenizer.prefix_len
     max_new = room if max_new is None else min(int(max_new), room)
     allowed = torch.full((m.vocab_size,), float("-inf"))
-    allowed[:N_BYTES] = 0.0
-    allowed[EOS] = 0.0
+    allowed[tokenizer.generable()] = 0.0
     cfg = m.config
     dh = cfg.d_model // cfg.heads
     out: list[str] = []
