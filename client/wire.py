@@ -124,12 +124,20 @@ def flow_to_json(f: FlowConfig) -> str:
     return dumps(asdict(f))
 
 
-def flow_from_json(text: str) -> FlowConfig:
-    d = loads(text, who="coordinator", what="flow config")
-    unknown = set(d) - set(FlowConfig.__dataclass_fields__)
+def _settings_from_json(text: str, cls, what: str):
+    """A coordinator's model settings: known fields only, validated by the dataclass."""
+    d = loads(text, who="coordinator", what=f"{what} config")
+    unknown = set(d) - set(cls.__dataclass_fields__)
     if unknown:
-        raise WireError(f"coordinator: unknown flow settings {sorted(unknown)}")
-    return FlowConfig(**d)
+        raise WireError(f"coordinator: unknown {what} settings {sorted(unknown)}")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise WireError(f"coordinator: invalid {what} settings ({e})") from None
+
+
+def flow_from_json(text: str) -> FlowConfig:
+    return _settings_from_json(text, FlowConfig, "flow")
 
 
 def text_to_json(t: TextConfig) -> str:
@@ -137,14 +145,7 @@ def text_to_json(t: TextConfig) -> str:
 
 
 def text_from_json(text: str) -> TextConfig:
-    d = loads(text, who="coordinator", what="text config")
-    unknown = set(d) - set(TextConfig.__dataclass_fields__)
-    if unknown:
-        raise WireError(f"coordinator: unknown note model settings {sorted(unknown)}")
-    try:
-        return TextConfig(**d)
-    except (TypeError, ValueError) as e:
-        raise WireError(f"coordinator: invalid note model settings ({e})") from None
+    return _settings_from_json(text, TextConfig, "note model")
 
 
 def config(**kw) -> ConfigRecord:
