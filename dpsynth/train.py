@@ -230,6 +230,8 @@ def make_plan(
     *, n: int, epsilon: float | None, delta: float, config: TrainConfig, prior: SiteAccountant, non_private: bool,
     text_n: int = 0,
 ) -> Plan:
+    if config.models is None:  # no schema here: the record models (``train`` resolves the default first)
+        config = replace(config, models=RECORD_MODELS)
     if n < config.batch_size:
         raise DataError(
             f"the data has {n} rows, fewer than one expected batch ({config.batch_size}); "

@@ -146,6 +146,7 @@ def test_schema_mismatch_stops_the_run_naming_the_site(consortium, first_run, de
     assert not (root / "run_mismatch" / "release").exists()
 
 
+@pytest.mark.slow  # ~80-100 s; make test keeps the in-process twin (tests/test_federation.py) under the 15-min budget
 def test_the_note_model_travels_in_the_rounds_and_the_signed_release(tmp_path):
     """Real processes, two hospitals that allow notes (issue 7): the note model's weights travel as the
     ArrayRecord "text" in the same rounds as the record and the vitals, every site charges its steps to its own
