@@ -42,6 +42,17 @@ def sample_patients(schema, encoder, generator, latent_dim: int, n: int, *, rng:
     return df
 
 
+def add_notes(df: pd.DataFrame, column: str, model, tokenizer, *, temperature: float, top_p: float,
+              seed: int | None = None) -> None:
+    """The chain's last link, in place: one note per row of the finished record + vitals, sampled by the note
+    model (temperature / top-p; seeded, else from OS entropy) and cleaned for CSV (``clean_note``). Used by
+    ``generate`` and the coordinator's candidate release."""
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+    notes = sample_notes(model, tokenizer, df, temperature=temperature, top_p=top_p, generator=g)
+    df[column] = [clean_note(t) for t in notes]
+
+
 def generate(model_dir: str | os.PathLike, n: int, *, seed: int | None = None,
              use_flow: bool = True, use_text: bool = True, enforce_constraints: bool = True,
              temperature: float | None = None, top_p: float | None = None) -> tuple[pd.DataFrame, dict]:
@@ -64,11 +75,8 @@ def generate(model_dir: str | os.PathLike, n: int, *, seed: int | None = None,
     text, tok, col = load_text(model_dir, manifest, schema) if use_text else (None, None, None)
     if text is not None:
         cfg = TrainConfig.from_json(manifest["training"]["config"]).text
-        g = torch.Generator()
-        g.manual_seed(seed + 3 if seed is not None else int.from_bytes(os.urandom(8), "little"))
-        notes = sample_notes(text, tok, df, temperature=cfg.temperature if temperature is None else temperature,
-                             top_p=cfg.top_p if top_p is None else top_p, generator=g)
-        df[col] = [clean_note(t) for t in notes]
+        add_notes(df, col, text, tok, temperature=cfg.temperature if temperature is None else temperature,
+                  top_p=cfg.top_p if top_p is None else top_p, seed=None if seed is None else seed + 3)
     return df, manifest
 
 

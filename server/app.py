@@ -442,8 +442,7 @@ class Coordinator:
                              flow=flow, codec=codec)
         text = tok = None
         if "text" in states:  # as dpsynth.generate.generate: notes conditioned on the finished record + vitals
-            from dpsynth.generate import clean_note
-            from dpsynth.models.text import sample_notes
+            from dpsynth.generate import add_notes
             from dpsynth.train import text_column
 
             cfg = self.s.text()
@@ -451,10 +450,7 @@ class Coordinator:
             text = NoteLM.for_tokenizer(tok, cfg)
             text.load_state_dict(states["text"])
             text.eval()
-            gen = torch.Generator()
-            gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
-            notes = sample_notes(text, tok, df, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
-            df[text_column(schema)] = [clean_note(t) for t in notes]
+            add_notes(df, text_column(schema), text, tok, temperature=cfg.temperature, top_p=cfg.top_p)
         cand = self.out / "candidate"
         cand.mkdir(parents=True, exist_ok=True)
         p = cand / "synthetic.csv"
