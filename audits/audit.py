@@ -22,13 +22,15 @@ def _notes(df: pd.DataFrame, col: str) -> list[str]:
 
 def run_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
               policy: Policy | None = None, dp: dict | None = None, seed: int = 0, progress=None,
-              empirical: bool = True, model_dir=None) -> dict:
+              empirical: bool = True, model_dir=None, sites: int = 1) -> dict:
     """``dp``: the model's privacy facts (manifest 'privacy' section or synthetic provenance).
 
     Notes (issue 7): when the schema has a text column and train, holdout and synthetic all hold notes, the
     verbatim word 8-gram overlap and identifier replay in notes are added; when ``model_dir`` holds planted
     canaries (``canaries.json``), the canary exposure of its note model is measured with ``train`` as the host
-    records (the audit runs at the data holder, on the file the model was trained on)."""
+    records (the audit runs at the data holder, on the file the model was trained on).
+
+    ``sites``: how many sites audit the same release (federation); see ``gate.decide``."""
     policy = policy or default_policy()
     say = progress or (lambda msg: None)
     t0 = time.time()
@@ -68,7 +70,7 @@ def run_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFram
         t = time.time()
         results["empirical_epsilon"] = empirical_audit(dp, seed=seed)
         timings["empirical_epsilon"] = round(time.time() - t, 3)
-    gate = decide(results, dp, policy)
+    gate = decide(results, dp, policy, sites=sites)
     return {
         "format": "dpsynth-audit/1",
         "sample": a.info,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 from .policy import Policy
+
+Z95 = NormalDist().inv_cdf(0.975)  # the attacks' reported 95 % CIs
 
 
 @dataclass
@@ -27,7 +30,27 @@ def _ci(est: dict | None):
     return [est.get("ci_low"), est.get("ci_high")] if est and "ci_low" in est else None
 
 
-def decide(attacks: dict, dp: dict | None, policy: Policy) -> dict:
+def significance_z(policy: Policy, family: int, sites: int = 1) -> float:
+    """One-sided z for the significance rule, Bonferroni over the gate's family of significance-tested checks
+    at every site: a release that memorised nothing is refused by chance (all sites together) with probability
+    at most the policy's ``false_refusal_rate`` (a refusal is not free: the budget was spent)."""
+    alpha = float(policy.audit.get("false_refusal_rate", 0.05)) / max(1, family * max(1, int(sites)))
+    return NormalDist().inv_cdf(1.0 - alpha)
+
+
+def significant_excess(e: dict, z: float) -> tuple[bool, float | None]:
+    """Is the estimate's excess over its baseline significant at ``z``? The lower one-sided bound rescales the
+    lower half of the reported 95 % CI: value − z/1.96 · (value − ci_low) (the bootstrap's own shape on the
+    side that matters). Returns (significant, bound); without a CI or baseline the excess counts as significant."""
+    if e.get("baseline") is None or e.get("ci_low") is None or e.get("value") is None:
+        return True, None
+    bound = e["value"] - z / Z95 * max(0.0, e["value"] - e["ci_low"])
+    return bound > e["baseline"], bound
+
+
+def decide(attacks: dict, dp: dict | None, policy: Policy, sites: int = 1) -> dict:
+    """``sites``: how many sites audit the same release (the coordinator's gate is their AND); the significance
+    rule's family-wise false-refusal rate covers all of them."""
     t = policy.thresholds
     checks: list[Check] = []
     dpp = policy.dp
@@ -59,26 +82,32 @@ def decide(attacks: dict, dp: dict | None, policy: Policy) -> dict:
         ("dcr.share", ["dcr", "share"], "dcr_share_max"),
     ]
     significant_only = set(policy.audit.get("significance_required", []))
+    family = [n for n, p, _ in spec if n in significant_only and est(p) is not None]
+    if "notes_ngram_overlap.excess" in significant_only and est(["notes_ngram_overlap", "excess"]) is not None:
+        family.append("notes_ngram_overlap.excess")
+    z = significance_z(policy, len(family), sites)
+
+    def significance(c: Check, e: dict | None) -> Check:
+        if c.check in family and not c.passed and e is not None:
+            sig, bound = significant_excess(e, z)
+            if not sig:  # above the threshold but not distinguishable from the baseline: sampling noise (small sites)
+                c.passed = True
+                c.note = (f"above the threshold but not significant: one-sided lower bound {bound:.4g} ≤ baseline "
+                          f"{e['baseline']} (z = {z:.2f}: false-refusal rate "
+                          f"{policy.audit.get('false_refusal_rate', 0.05)} over {len(family)} check(s) × {sites} site(s))")
+        return c
+
     for name, path, key in spec:
         e = est(path)
-        c = _le(name, None if e is None else e.get("value"), t[key], _ci(e))
-        if (name in significant_only and not c.passed and e is not None and e.get("baseline") is not None
-                and e.get("ci_low") is not None and e["ci_low"] <= e["baseline"]):
-            # above the threshold but not distinguishable from the baseline: sampling noise (small sites)
-            c.passed = True
-            c.note = f"above the threshold but its 95 % CI includes the baseline {e['baseline']} (not significant)"
-        checks.append(c)
+        checks.append(significance(_le(name, None if e is None else e.get("value"), t[key], _ci(e)), e))
     checks.append(_le("exact_copies.excess_rate", est(["exact_copies", "excess_rate"]), t["exact_copy_excess_rate_max"]))
     checks.append(_le("identifier_replay.count", est(["identifier_replay", "replayed_values"]), t["identifier_replay_max"]))
     ng = est(["notes_ngram_overlap", "excess"])
     if ng is not None:
-        c = _le("notes_ngram_overlap.excess", ng.get("value"), t["notes_ngram_excess_max"], _ci(ng),
-                note=f"word {attacks['notes_ngram_overlap'].get('n')}-grams only in the training notes vs only in the holdout's")
-        if ("notes_ngram_overlap.excess" in significant_only and not c.passed and ng.get("ci_low") is not None
-                and ng["ci_low"] <= ng.get("baseline", 0.0)):
-            c.passed = True
-            c.note = f"above the threshold but its 95 % CI includes the baseline {ng.get('baseline', 0.0)} (not significant)"
-        checks.append(c)
+        ng = {"baseline": 0.0, **ng}
+        checks.append(significance(_le("notes_ngram_overlap.excess", ng.get("value"), t["notes_ngram_excess_max"], _ci(ng),
+                                       note=f"word {attacks['notes_ngram_overlap'].get('n')}-grams only in the training "
+                                            f"notes vs only in the holdout's"), ng))
     nir = est(["notes_identifier_replay", "replayed_values"])
     if nir is not None:
         checks.append(_le("notes_identifier_replay.count", nir, t["notes_identifier_replay_max"],

@@ -41,6 +41,7 @@ class Policy:
     audit: dict = field(default_factory=lambda: {"max_victims": 2000, "quasi_identifiers": [],
                                                  "significance_required": ["dcr.share", "inference_risk.risk",
                                                                           "notes_ngram_overlap.excess"],
+                                                 "false_refusal_rate": 0.05,
                                                  "canary_candidates": 1000})
 
     def to_json(self) -> dict:
@@ -66,6 +67,9 @@ class Policy:
             th[k] = float(v)
         dp = {**(base.dp if base else {}), **(d.get("dp") or {})}
         audit = {**(base.audit if base else {}), **(d.get("audit") or {})}
+        fr = audit.get("false_refusal_rate", 0.05)
+        if isinstance(fr, bool) or not isinstance(fr, (int, float)) or not 0 < fr < 0.5:
+            raise DpsynthError(f"{where}: audit.false_refusal_rate must be a number in (0, 0.5), got {fr!r}")
         return cls(version=POLICY_VERSION, name=d.get("name", "custom"), dp=dp, thresholds=th, audit=audit)
 
     @classmethod

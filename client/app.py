@@ -217,7 +217,8 @@ def audit(msg: Message, context: Context) -> Message:
         syn = pd.read_csv(io.BytesIO(data), keep_default_na=True, na_values=[""], low_memory=False)
         t0 = time.time()
         res = site.audit(syn, policy=policy, empirical=bool(rel.get("empirical", True)),
-                         utility=bool(rel.get("utility", True)), seed=int(rel.get("seed", 0)))
+                         utility=bool(rel.get("utility", True)), seed=int(rel.get("seed", 0)),
+                         sites=max(1, int(rel.get("sites", 1))))
         res["spend"] = site.spend()
         log.info("site %s: audit of the candidate release: %s (%.1f s)", site.name, res["gate"]["verdict"], time.time() - t0)
         return Message(RecordDict({"audit": ConfigRecord({"site": site.name, "audit": wire.dumps(res)})}), reply_to=msg)

@@ -752,7 +752,7 @@ class Site:
         }
 
     def audit(self, synthetic: pd.DataFrame, *, policy=None, empirical: bool = True, utility: bool = True,
-              seed: int = 0) -> dict:
+              seed: int = 0, sites: int = 1) -> dict:
         """Run every attack against this site's own train (members) and holdout (non-members). Returns
         aggregates only (run_audit never returns per-record distances)."""
         from audits.audit import run_audit
@@ -760,7 +760,7 @@ class Site:
         train, hold = self.frames()
         syn = validate_frame(synthetic, self.schema, "candidate release")
         res = run_audit(train, hold, syn, self.schema, policy=policy, dp=self.dp_facts(), seed=seed,
-                        empirical=empirical)
+                        empirical=empirical, sites=sites)
         if utility:
             from .metrics.utility import evaluate
 

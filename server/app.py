@@ -468,7 +468,8 @@ class Coordinator:
 
     def audit(self, syn_path: Path, policy) -> dict[str, dict]:
         rel = ConfigRecord({"csv": syn_path.read_bytes(), "policy": wire.dumps(policy.to_json()),
-                            "empirical": bool(self.s.audit_empirical), "utility": bool(self.s.site_utility), "seed": 0})
+                            "empirical": bool(self.s.audit_empirical), "utility": bool(self.s.site_utility), "seed": 0,
+                            "sites": len(self.sites)})  # the gate's false-refusal rate covers every site
         replies = self.exchange({n: RecordDict({"release": rel}) for n in self.sites}, wire.AUDIT, "audit",
                                 self.s.round_timeout)
         audits = {}

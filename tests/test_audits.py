@@ -133,7 +133,7 @@ def test_epsilon_lower_bound_math():
 def test_significance_rule_applies_only_to_listed_checks():
     from audits.gate import decide
 
-    attacks = {"dcr": {"share": {"value": 0.62, "ci_low": 0.48, "ci_high": 0.76, "baseline": 0.5}},
+    attacks = {"dcr": {"share": {"value": 0.62, "ci_low": 0.46, "ci_high": 0.78, "baseline": 0.5}},
                "mia_distance": {"auc": {"value": 0.62, "ci_low": 0.48, "ci_high": 0.76, "baseline": 0.5}}}
     res = decide(attacks, DP, default_policy())
     checks = {c["check"]: c for c in res["checks"]}
@@ -143,6 +143,64 @@ def test_significance_rule_applies_only_to_listed_checks():
     strict.audit["significance_required"] = []
     checks = {c["check"]: c for c in decide(attacks, DP, strict)["checks"]}
     assert not checks["dcr.share"]["passed"]
+
+
+def test_significance_rule_is_family_wise_over_checks_and_sites():
+    """The one-sided bound uses z at false_refusal_rate / (significance-tested checks × sites): an excess that is
+    significant for one check at one site is not once three sites audit the same release; a large one still is."""
+    from statistics import NormalDist
+
+    from audits.gate import decide, significance_z, significant_excess
+
+    pol = default_policy()
+    assert significance_z(pol, 1, 1) == pytest.approx(NormalDist().inv_cdf(0.95))
+    assert significance_z(pol, 3, 2) == pytest.approx(NormalDist().inv_cdf(1 - 0.05 / 6))
+    se = 0.055  # value 0.12 > threshold 0.10; ci_low 0.012 > 0: the plain 95 % CI calls it significant
+    risk = {"value": 0.12, "ci_low": 0.12 - 1.96 * se, "ci_high": 0.12 + 1.96 * se, "baseline": 0.0}
+    assert significant_excess(risk, significance_z(pol, 1, 1)) == (True, pytest.approx(0.12 - 1.6449 * se, abs=1e-3))
+
+    def passed(attacks, sites):
+        return {c["check"]: c["passed"] for c in decide(attacks, DP, pol, sites=sites)["checks"]}["inference_risk.risk"]
+
+    assert not passed({"inference_risk": {"risk": risk}}, 1)
+    assert passed({"inference_risk": {"risk": risk}}, 5)  # z(0.01) = 2.33: bound 0.12 − 0.128 < 0
+    three = {"inference_risk": {"risk": risk}, "dcr": {"share": {"value": 0.5, "ci_low": 0.48, "ci_high": 0.52, "baseline": 0.5}},
+             "notes_ngram_overlap": {"n": 8, "excess": {"value": 0.0, "ci_low": -0.01, "ci_high": 0.01, "baseline": 0.0}}}
+    assert passed(three, 2)  # three tested checks × two sites: z(0.05 / 6) = 2.39
+    strong = {**risk, "value": 0.4, "ci_low": 0.4 - 1.96 * se}
+    assert not passed({**three, "inference_risk": {"risk": strong}}, 10)
+    with pytest.raises(DpsynthError, match="false_refusal_rate"):
+        Policy.from_dict({"version": 1, "audit": {"false_refusal_rate": 0.7}}, "p.toml")
+
+
+def test_gate_refuses_independent_data_at_a_small_site_at_most_at_the_false_refusal_rate(demo_dir, schema):
+    """Statistical: the smallest demo site (≈ 220 victims per group), 60 random train/holdout splits, each audited
+    against 800 real rows of the other sites (independent of its patients: nothing memorised). The pooled
+    inference risk's SD here is ≈ 0.09 against the 0.10 threshold, so without the significance rule more than
+    1 in 12 such releases would be refused. Seeds are fixed: the count is reproducible."""
+    from audits import attacks as A
+    from audits.gate import significance_z, significant_excess
+
+    b = validate_frame(pd.read_csv(demo_dir / "site_b.csv"), schema, "site_b")
+    others = validate_frame(pd.concat([pd.read_csv(demo_dir / f"site_{s}.csv") for s in "ac"]), schema, "others")
+    pol = default_policy()
+    z, th = significance_z(pol, 2, 1), pol.thresholds["inference_risk_max"]  # the tabular gate tests two: DCR too
+    rng = np.random.default_rng(1)
+    above = refused = 0
+    reps = 60
+    for r in range(reps):
+        perm = rng.permutation(len(b))
+        cut = int(0.8 * len(b))
+        a = A.prepare(b.iloc[perm[:cut]], b.iloc[perm[cut:]], others.sample(800, random_state=r), schema, seed=r)
+        e = A.inference_risk(a)["risk"]
+        above += e["value"] > th
+        refused += e["value"] > th and significant_excess(e, z)[0]
+    assert above >= 0.08 * reps  # the threshold alone would refuse independent data often at this size
+    assert refused <= pol.audit["false_refusal_rate"] * reps  # the whole family's budget (DCR: SD 0.02 here)
+    # positive control at the same size: a release of the site's own training rows is refused
+    a = A.prepare(b.iloc[perm[:cut]], b.iloc[perm[cut:]], b.iloc[perm[:cut]], schema, seed=0)
+    e = A.inference_risk(a)["risk"]
+    assert e["value"] > th and significant_excess(e, significance_z(pol, 3, 5))[0]
 
 
 def test_identifier_replay_in_text_ignores_short_numbers_and_counts_mrn_like_ones():
