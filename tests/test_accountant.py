@@ -98,3 +98,15 @@ def test_calibration_never_exceeds_target_and_is_tight(eps, q, steps, prior_sigm
     # tight: 3 % less noise would overshoot (so the budget is not wasted)
     over = prior.epsilon(delta, [Mechanism("sgd", sigma * 0.97, q, steps)])
     assert over > eps or math.isclose(over, eps, rel_tol=0.02)
+
+
+def test_gdp_first_guess_inverts_the_gdp_tradeoff():
+    """The calibrations start from the μ-GDP μ of the target (ε, δ): δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2)."""
+    from statistics import NormalDist
+
+    from dpsynth.privacy.accountant import gdp_mu
+
+    phi = NormalDist().cdf
+    for mu, eps in [(1.0, 1.0), (0.5, 0.3), (3.0, 8.0)]:
+        delta = phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
+        assert gdp_mu(eps, delta) == pytest.approx(mu, rel=1e-6)
