@@ -380,6 +380,25 @@ def _sex(note: str) -> int:
     return -1
 
 
+def test_nucleus_sampling_draws_from_the_renormalised_nucleus():
+    """Statistical: 40,000 draws (seeded) match the renormalised top-p set within 4 standard errors; nothing
+    outside the nucleus is ever drawn; top_p = 1 samples the whole distribution; temperature 0 is argmax."""
+    from dpsynth.models.text import _top_p_sample
+
+    p = torch.tensor([0.04, 0.4, 0.1, 0.25, 0.06, 0.15])
+    logits = p.log().expand(40_000, -1)
+    g = torch.Generator().manual_seed(0)
+    for top_p, expect in [(0.75, {1: 0.4, 3: 0.25, 5: 0.15}), (1.0, dict(enumerate(p.tolist())))]:
+        draws = _top_p_sample(logits, 1.0, top_p, g)
+        total = sum(expect.values())
+        counts = torch.bincount(draws, minlength=6).double() / len(draws)
+        for t in range(6):
+            q = expect.get(t, 0.0) / total
+            se = max((q * (1 - q) / len(draws)) ** 0.5, 1e-12)
+            assert abs(float(counts[t]) - q) <= 4 * se, (top_p, t, float(counts[t]), q)
+    assert bool((_top_p_sample(logits[:5], 0.0, 0.9, g) == 1).all())
+
+
 def test_tiny_model_learns_notes_and_follows_the_condition(schema, train_df, notes):
     """Non-private, tiny and short (< 60 s): the loss falls and the sampled sex follows the condition."""
     tok = NoteTokenizer.from_schema(schema, max_len=88, columns=["age", "male", "htn", "diabetes"])

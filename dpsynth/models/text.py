@@ -637,17 +637,27 @@ def note_log_likelihood(model, ids: np.ndarray | torch.Tensor, *, batch: int = 2
     return np.concatenate(ll), np.concatenate(cnt)
 
 
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row drawn from the (unnormalised) weights ``probs`` [B, K]: u ~ U(0, row mass), the first
+    position whose cumulative weight exceeds u. Exact, and ~40× cheaper than torch.multinomial on CPU (which
+    was half of the sampling time)."""
+    c = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=c.dtype) * c[:, -1:]
+    return torch.searchsorted(c, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
 def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Temperature and nucleus (top-p) sampling: the smallest set of most likely tokens whose mass reaches
+    ``top_p`` (the first always kept), renormalised."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, idx = probs.sort(dim=-1, descending=True)
-        keep = (sp.cumsum(dim=-1) - sp) < top_p  # the smallest set whose mass reaches top_p (first always kept)
-        sp = sp * keep
-        choice = torch.multinomial(sp / sp.sum(dim=-1, keepdim=True), 1, generator=generator)
-        return idx.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if top_p >= 1.0:
+        return _inverse_cdf(probs, generator)
+    sp, idx = probs.sort(dim=-1, descending=True)
+    keep = (sp.cumsum(dim=-1) - sp) < top_p  # a prefix of the sorted tokens
+    choice = _inverse_cdf(sp * keep, generator)
+    return idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
