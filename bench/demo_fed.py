@@ -48,6 +48,9 @@ def main() -> int:
         "site_epsilon": {k: v["epsilon"] for k, v in ((s.get("privacy") or {}).get("sites") or {}).items()},
         "consortium_epsilon": (s.get("privacy") or {}).get("consortium_epsilon"),
         "server_seconds": s.get("seconds"),
+        "run_config": __import__("deploy.demo", fromlist=["DEMO_RUN_CONFIG"]).DEMO_RUN_CONFIG,
+        "site_sigma": {k: v.get("noise_multiplier") for k, v in ((s.get("privacy") or {}).get("sites") or {}).items()},
+        "site_tstr_trtr_auroc": {k: (v or {}).get("tstr_trtr_auroc_ratio") for k, v in (s.get("utility") or {}).items()},
         "environment": environment(),
     }
     save("demo_fed", result)

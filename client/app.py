@@ -35,6 +35,7 @@ from flwr.clientapp import ClientApp
 
 from dpsynth.errors import DpsynthError
 from dpsynth.site import RunRequest, Site, SitePolicy
+from dpsynth.train import parse_budget_shares
 
 from . import wire
 
@@ -97,6 +98,8 @@ def hello(msg: Message, context: Context) -> Message:
             max_grad_norm=float(req.get("max_grad_norm", 1.0)),
             text_epochs=int(req["text_epochs"]) if "text_epochs" in req else None,
             text_batch_size=int(req["text_batch_size"]) if "text_batch_size" in req else None,
+            budget_shares=parse_budget_shares(str(req["budget_shares"]), "coordinator's budget-shares")
+            if "budget_shares" in req else None,
         )
         if "text" in request.models and bool(req.get("drop_text_without_column", False)):
             from dpsynth.train import text_column

@@ -102,10 +102,10 @@ def cmd_train(a) -> int:
     df = _load_validated(a.data, schema)
     from .models.flow import FlowConfig
     from .models.text import TextConfig
-    from .train import resolve_models, text_column
+    from .train import parse_budget_shares, resolve_models, text_column
 
     models = None if a.models is None else tuple(m.strip() for m in a.models.split(",") if m.strip())
-    shares = _shares(a.budget_shares)
+    shares = parse_budget_shares(a.budget_shares)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, max_grad_norm=a.max_grad_norm,
                       checkpoints=a.checkpoints, select=not a.no_select, profile=a.profile, models=models,
                       budget_shares={**TrainConfig().budget_shares, **shares},
@@ -136,22 +136,6 @@ def cmd_train(a) -> int:
               + (f"; {notes['canary_notes_planted']} canary notes planted (secrets in {a.out}/canaries.json only)"
                  if notes.get("canary_notes_planted") else ""))
     return 0
-
-
-def _shares(text: str | None) -> dict:
-    """--budget-shares wgan=3,flow=1"""
-    out = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, val = part.partition("=")
-        try:
-            out[name.strip()] = float(val)
-        except ValueError:
-            raise DpsynthError(f"--budget-shares: {part!r} is not name=number (e.g. wgan=3,flow=1)") from None
-        if not sep:
-            raise DpsynthError(f"--budget-shares: {part!r} is not name=number (e.g. wgan=3,flow=1)")
-    return out
 
 
 def cmd_generate(a) -> int:

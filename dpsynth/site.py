@@ -158,6 +158,8 @@ class RunRequest:
     # over the patients with a note (None: TextConfig's defaults)
     text_epochs: int | None = None
     text_batch_size: int | None = None
+    # each model's share of the privacy loss (TrainConfig.budget_shares; None: the defaults, 1 each)
+    budget_shares: dict | None = None
 
     def __post_init__(self) -> None:
         self.text_epochs = TextConfig().epochs if self.text_epochs is None else self.text_epochs
@@ -171,6 +173,9 @@ class RunRequest:
             raise PrivacyParameterError(f"epsilon must be positive and finite, got {self.epsilon!r}")
         if not (self.max_grad_norm > 0):
             raise PrivacyParameterError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
+        for m, w in (self.budget_shares or {}).items():
+            if m not in TrainConfig().budget_shares or isinstance(w, bool) or not (float(w) > 0 and math.isfinite(w)):
+                raise PrivacyParameterError(f"budget share {m}={w!r}: need a known model and a positive number")
 
 
 @dataclass
@@ -551,7 +556,7 @@ class Site:
         if "wgan" not in request.models:
             self._refuse("plan", "the models must include wgan (the record the other models are conditioned on)",
                          SitePolicyError)
-        shares = {m: TrainConfig().budget_shares[m] for m in request.models}
+        shares = {m: {**TrainConfig().budget_shares, **(request.budget_shares or {})}[m] for m in request.models}
         parts = [(CRITIC_MECHANISM, q, planned, shares["wgan"])]
         if "flow" in request.models:  # the flow trains the same local epochs in the same rounds
             parts.append((FLOW_MECHANISM, q, planned, shares["flow"]))

@@ -181,6 +181,29 @@ def clip_norm(config: TrainConfig, model: str) -> float:
     return config.max_grad_norm if own is None else float(own)
 
 
+def parse_budget_shares(text: str | None, what: str = "--budget-shares") -> dict:
+    """``wgan=3,flow=1`` → {"wgan": 3.0, "flow": 1.0}: each named model's share of the privacy loss (see
+    TrainConfig.budget_shares); unnamed models keep the default 1. Names must be models, values positive."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, val = part.partition("=")
+        name = name.strip()
+        try:
+            v = float(val)
+        except ValueError:
+            v = None
+        if not sep or v is None:
+            raise ModelError(f"{what}: {part.strip()!r} is not name=number (e.g. wgan=3,flow=1)")
+        if name not in MODELS:
+            raise ModelError(f"{what}: unknown model {name!r} (known: {', '.join(MODELS)})")
+        if not (v > 0 and math.isfinite(v)):
+            raise ModelError(f"{what}: the share of {name} must be a positive number, got {val.strip()!r}")
+        out[name] = v
+    return out
+
+
 def text_column(schema: Schema) -> str:
     """The schema's one ``text`` column (the note model needs exactly one)."""
     cols = [c.name for c in schema.of_kind("text")]

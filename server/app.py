@@ -108,6 +108,9 @@ class RunSettings:
     text_layers: int = 0
     text_heads: int = 0
     text_max_len: int = 0
+    # each model's share of every site's privacy loss, e.g. "wgan=2,flow=1,text=1" ("": 1 each, as in
+    # `dpsynth train --budget-shares`); the site's cap on its total ε is unchanged
+    budget_shares: str = ""
 
     @classmethod
     def from_run_config(cls, rc: dict) -> "RunSettings":
@@ -142,6 +145,13 @@ class RunSettings:
             s.text()
         except ValueError as e:
             raise ConsortiumError(f"run-config text-*: {e}") from None
+        from dpsynth.errors import DpsynthError
+        from dpsynth.train import parse_budget_shares
+
+        try:
+            parse_budget_shares(s.budget_shares, "run-config budget-shares")
+        except DpsynthError as e:
+            raise ConsortiumError(str(e)) from None
         return s
 
     def wgan(self) -> WGANConfig:
@@ -265,7 +275,8 @@ class Coordinator:
                           local_epochs=self.s.local_epochs, batch_size=self.s.batch_size, models=list(self.s.models),
                           max_grad_norm=self.s.max_grad_norm, drop_text_without_column=with_text or None,
                           text_epochs=t.epochs if with_text else None,
-                          text_batch_size=t.batch_size if with_text else None)
+                          text_batch_size=t.batch_size if with_text else None,
+                          budget_shares=self.s.budget_shares or None)
         replies = self.exchange({n: RecordDict({"request": req}) for n in nodes}, wire.HELLO, "hello",
                                 self.s.round_timeout)
         schemas: dict[str, tuple[str, str]] = {}

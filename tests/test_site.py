@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpsynth.errors import BudgetExceededError
+from dpsynth.errors import BudgetExceededError, PrivacyParameterError
 from dpsynth.models.text import TextConfig
 from dpsynth.models.wgan import WGANConfig
 from dpsynth.privacy.ledger import Ledger
@@ -276,3 +276,32 @@ def test_a_site_without_the_note_column_refuses_the_note_model_naming_it(tmp_pat
     empty.to_csv(d / "site_b.csv", index=False)
     with pytest.raises(DataError, match="only 0 training patients have a note in column 'note'"):
         _site(tmp_path / "e", d, name="b", **NOTES_OK).plan_run(_text_req())
+
+
+def test_coordinator_budget_shares_split_the_site_budget(tmp_path, demo_dir):
+    """run-config budget-shares reach the site's plan: the privacy loss (μ²) splits in their ratio, the total
+    still meets the site's cap; bad shares are refused by name at the coordinator and at the site."""
+    import math
+
+    from dpsynth.privacy.accountant import Mechanism
+    from dpsynth.train import CRITIC_MECHANISM, FLOW_MECHANISM
+    from server.app import ConsortiumError, RunSettings
+
+    site = _site(tmp_path, demo_dir, cap=3.0)
+    req = _req(run_id="shares", epsilon=3.0, models=("wgan", "flow"))
+    req.budget_shares = {"wgan": 3.0, "flow": 1.0}
+    plan = site.plan_run(req)
+    mu2 = [plan.sample_rate ** 2 * plan.planned_steps * math.expm1(1 / s ** 2)
+           for s in (plan.noise_multiplier, plan.flow_noise_multiplier)]
+    assert mu2[0] / mu2[1] == pytest.approx(3.0, rel=1e-6) and plan.budget_shares == {"wgan": 3.0, "flow": 1.0}
+    total = site.accountant.epsilon(plan.delta, [
+        Mechanism(CRITIC_MECHANISM, plan.noise_multiplier, plan.sample_rate, plan.planned_steps),
+        Mechanism(FLOW_MECHANISM, plan.flow_noise_multiplier, plan.sample_rate, plan.planned_steps)])
+    assert 2.9 < total <= 3.0 * (1 + 1e-6)
+    assert RunSettings.from_run_config({"budget-shares": "wgan=2,text=0.5"}).budget_shares == "wgan=2,text=0.5"
+    for bad, msg in [("wgan=0", "positive"), ("critic=1", "unknown model 'critic'"), ("wgan", "name=number")]:
+        with pytest.raises(ConsortiumError, match=msg):
+            RunSettings.from_run_config({"budget-shares": bad})
+    with pytest.raises(PrivacyParameterError, match="budget share"):
+        RunRequest(run_id="x", epsilon=1.0, rounds=1, local_epochs=1, batch_size=256, models=["wgan"],
+                   budget_shares={"wgan": -1.0})
