@@ -132,9 +132,21 @@ def main() -> None:
     fd = load("demo_fed")
     if fd:
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())
-        print(f"**`bench/demo_fed.py`** — `make demo` after set-up: {fd['wall_seconds']:.0f} s wall "
-              f"({fd['rounds']} rounds; target ≤ 300 s, stretch ≤ 120 s); site ε {eps}; consortium ε "
-              f"{fd['consortium_epsilon']:.2f}; gate {fd['verdict']}.\n")
+        rc = fd.get("run_config") or {}
+        extra = ""
+        if rc:
+            extra += f"; {rc.get('rounds')} rounds × {rc.get('local-epochs')} local epochs"
+            if rc.get("budget-shares"):
+                extra += f", budget shares {rc['budget-shares']}"
+        if fd.get("site_sigma"):
+            extra += "; WGAN σ " + ", ".join(f"{k} {v:.2f}" for k, v in fd["site_sigma"].items())
+        if fd.get("site_tstr_trtr_auroc"):
+            extra += ("; TSTR/TRTR AUROC at the sites " + ", ".join(f"{k} {v:.2f}" for k, v in fd["site_tstr_trtr_auroc"].items())
+                      + " (a short demo run, not the utility benchmark: see `bench/federated_vs_central.py`)")
+        print(f"**`bench/demo_fed.py`** — `make demo` after set-up: {fd['wall_seconds']:.0f} s wall, one run "
+              f"({fd['environment']['time_utc'][:10]}; target ≤ 300 s: {'met' if fd['meets_target'] else 'NOT met'}; "
+              f"stretch ≤ 120 s: {'met' if fd['wall_seconds'] <= 120 else 'not met'}){extra}; site ε {eps}; "
+              f"consortium ε {fd['consortium_epsilon']:.2f}; gate {fd['verdict']}.\n")
     fc = load("federated_vs_central")
     if fc:
         f_, c_ = fc["mean"]["federated"], fc["mean"]["central"]
