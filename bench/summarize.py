@@ -129,6 +129,13 @@ def main() -> None:
                   f"(16× lower bound {exp.get('lower_bound_max', float('nan')):.2f}) | {m(s_.get('ngram_overlap_excess'), 4)} |")
         t = nb.get("targets_at_eps8") or {}
         print("\nTargets at ε = 8: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
+    ns = load("notes_steps")
+    if ns:
+        pts = "; ".join(f"{p['epochs']} epochs ({p['steps']} steps, {p['train_seconds']:.0f} s): {p['consistency']:.2f}"
+                        for p in ns["points"])
+        print(f"**`bench/notes_steps.py`** — the note model alone, NON-PRIVATE (TextConfig defaults, {ns['train_notes']} "
+              f"training notes, {ns['evaluated_prompts']} holdout records prompted), condition consistency after: {pts} "
+              f"(real-note ceiling {ns['points'][-1]['ceiling']:.2f}).\n")
     fd = load("demo_fed")
     if fd:
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())
