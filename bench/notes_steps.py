@@ -76,7 +76,7 @@ def main() -> None:
             cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
             point = {"epochs": ep, "steps": ep * steps_per_epoch, "train_loss": float(np.mean(losses)),
                      "train_seconds": round(train_s, 1), "consistency": cc["consistency"],
-                     "ceiling": cc["ceiling"]["consistency"] if isinstance(cc.get("ceiling"), dict) else cc.get("ceiling")}
+                     "ceiling": cc["ceiling"]["consistency"]}
             out["points"].append(point)
             print(json.dumps(point), file=sys.stderr, flush=True)
     out["seconds"] = round(time.time() - t0, 1)

@@ -173,9 +173,8 @@ class RunRequest:
             raise PrivacyParameterError(f"epsilon must be positive and finite, got {self.epsilon!r}")
         if not (self.max_grad_norm > 0):
             raise PrivacyParameterError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
-        for m, w in (self.budget_shares or {}).items():
-            if m not in TrainConfig().budget_shares or isinstance(w, bool) or not (float(w) > 0 and math.isfinite(w)):
-                raise PrivacyParameterError(f"budget share {m}={w!r}: need a known model and a positive number")
+        if self.budget_shares:  # TrainConfig's own check: known models, positive finite shares
+            TrainConfig(budget_shares={**TrainConfig().budget_shares, **self.budget_shares})
 
 
 @dataclass
