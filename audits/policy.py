@@ -40,6 +40,7 @@ class Policy:
     thresholds: dict = field(default_factory=dict)
     audit: dict = field(default_factory=lambda: {"max_victims": 2000, "quasi_identifiers": [],
                                                  "significance_required": ["dcr.share", "inference_risk.risk",
+                                                                          "attribute_inference.residual",
                                                                           "notes_ngram_overlap.excess"],
                                                  "false_refusal_rate": 0.05,
                                                  "canary_candidates": 1000})

@@ -18,13 +18,12 @@ warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
 #   that memorised nothing (the default fails ≈ 1 in 20 such tests by design);
 # - dcr_share_max 0.70: the DCR share's CI covers the synthetic rows and the train reference draws but not the
 #   sampling of the holdout reference set, so at this size its point estimate wanders past 0.60.
-# - attribute_inference_residual_max 0.15: the residual's null SD is ≈ 0.04 at site b and ≈ 0.02 at site a
-#   (independent data, 40 splits), against the default 0.05, and its bootstrap CI (victims only) is too narrow
-#   for the significance rule to help (a known gap of the audit, in the closing note).
+# (the attribute-inference residual and the inference risk, noisy at site b too, are in the default policy's
+# significance rule, with CIs that resample the synthetic rows: no threshold of theirs is changed here)
 # Positive controls (releases of training rows) fail under this policy too; the demo and production use
 # audits/default_policy.toml unchanged.
 FEDERATION_TEST_POLICY = ('version = 1\nname = "federation-tests"\n[thresholds]\ndcr_share_max = 0.70\n'
-                          'attribute_inference_residual_max = 0.15\n[audit]\nfalse_refusal_rate = 0.001\n')
+                          '[audit]\nfalse_refusal_rate = 0.001\n')
 
 
 def federation_test_policy(d) -> str:

@@ -175,32 +175,45 @@ def test_significance_rule_is_family_wise_over_checks_and_sites():
 
 def test_gate_refuses_independent_data_at_a_small_site_at_most_at_the_false_refusal_rate(demo_dir, schema):
     """Statistical: the smallest demo site (≈ 220 victims per group), 60 random train/holdout splits, each audited
-    against 800 real rows of the other sites (independent of its patients: nothing memorised). The pooled
-    inference risk's SD here is ≈ 0.09 against the 0.10 threshold, so without the significance rule more than
-    1 in 12 such releases would be refused. Seeds are fixed: the count is reproducible."""
+    against 800 real rows of the other sites (independent of its patients: nothing memorised). Here the pooled
+    inference risk's SD is ≈ 0.09 against its 0.10 threshold and the attribute-inference residual's ≈ 0.04 against
+    0.05, so without the significance rule more than 1 in 12 such releases would be refused by either check.
+    Seeds are fixed: the counts are reproducible."""
     from audits import attacks as A
     from audits.gate import significance_z, significant_excess
 
     b = validate_frame(pd.read_csv(demo_dir / "site_b.csv"), schema, "site_b")
     others = validate_frame(pd.concat([pd.read_csv(demo_dir / f"site_{s}.csv") for s in "ac"]), schema, "others")
     pol = default_policy()
-    z, th = significance_z(pol, 2, 1), pol.thresholds["inference_risk_max"]  # the tabular gate tests two: DCR too
+    tested = {"inference_risk.risk": "inference_risk_max", "attribute_inference.residual": "attribute_inference_residual_max"}
+    assert set(tested) <= set(pol.audit["significance_required"])
+    z = significance_z(pol, 3, 1)  # the tabular gate tests three: DCR too
+
+    def estimates(a):
+        return {"inference_risk.risk": A.inference_risk(a)["risk"],
+                "attribute_inference.residual": A.attribute_inference(a)["residual"]}
+
     rng = np.random.default_rng(1)
-    above = refused = 0
+    above = dict.fromkeys(tested, 0)
+    refused = 0
     reps = 60
     for r in range(reps):
         perm = rng.permutation(len(b))
         cut = int(0.8 * len(b))
         a = A.prepare(b.iloc[perm[:cut]], b.iloc[perm[cut:]], others.sample(800, random_state=r), schema, seed=r)
-        e = A.inference_risk(a)["risk"]
-        above += e["value"] > th
-        refused += e["value"] > th and significant_excess(e, z)[0]
-    assert above >= 0.08 * reps  # the threshold alone would refuse independent data often at this size
+        refusal = False
+        for name, e in estimates(a).items():
+            over = e["value"] > pol.thresholds[tested[name]]
+            above[name] += over
+            refusal |= over and significant_excess(e, z)[0]
+        refused += refusal
+    for name in tested:  # the threshold alone would refuse independent data often at this size
+        assert above[name] >= 0.08 * reps, (name, above)
     assert refused <= pol.audit["false_refusal_rate"] * reps  # the whole family's budget (DCR: SD 0.02 here)
-    # positive control at the same size: a release of the site's own training rows is refused
+    # positive control at the same size: a release of the site's own training rows is refused by both checks
     a = A.prepare(b.iloc[perm[:cut]], b.iloc[perm[cut:]], b.iloc[perm[:cut]], schema, seed=0)
-    e = A.inference_risk(a)["risk"]
-    assert e["value"] > th and significant_excess(e, significance_z(pol, 3, 5))[0]
+    for name, e in estimates(a).items():
+        assert e["value"] > pol.thresholds[tested[name]] and significant_excess(e, significance_z(pol, 4, 5))[0], name
 
 
 def test_identifier_replay_in_text_ignores_short_numbers_and_counts_mrn_like_ones():
