@@ -42,9 +42,12 @@ def main() -> None:
     ap.add_argument("--epochs", nargs="+", type=int, default=[3, 8, 16])
     ap.add_argument("--text", help="TextConfig overrides as JSON (default: TextConfig's)")
     ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the initialisation and batches")
+    ap.add_argument("--guidance", nargs="+", type=float, default=None,
+                    help="classifier-free guidance weights to sample with at each point (default: TextConfig's)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     cfg = replace(TextConfig(), **json.loads(a.text)) if a.text else TextConfig()
     schema = demo_schema_with_notes()
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +62,7 @@ def main() -> None:
     n = len(ids)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     prompts = ho.sample(min(a.n_eval, len(ho)), random_state=0).reset_index(drop=True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(a.seed)
     out = {"benchmark": "notes_steps", "private": False, "text_config": cfg.__dict__, "train_notes": n,
            "steps_per_epoch": steps_per_epoch, "evaluated_prompts": len(prompts), "points": []}
     t0, train_s = time.time(), 0.0
@@ -70,15 +73,19 @@ def main() -> None:
                             batch=(ids[perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]],))
                   for s in range(steps_per_epoch)]
         train_s += time.time() - t
+        print(json.dumps({"epoch": ep, "loss": round(float(np.mean(losses)), 4)}), file=sys.stderr, flush=True)
         if ep in a.epochs:
-            notes = sample_notes(model, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 generator=torch.Generator().manual_seed(1))
-            cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
-            point = {"epochs": ep, "steps": ep * steps_per_epoch, "train_loss": float(np.mean(losses)),
-                     "train_seconds": round(train_s, 1), "consistency": cc["consistency"],
-                     "ceiling": cc["ceiling"]["consistency"]}
-            out["points"].append(point)
-            print(json.dumps(point), file=sys.stderr, flush=True)
+            for w in a.guidance or [cfg.guidance]:
+                t = time.time()
+                notes = sample_notes(model, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
+                                     generator=torch.Generator().manual_seed(1), guidance=w)
+                sample_s = time.time() - t
+                cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
+                point = {"epochs": ep, "steps": ep * steps_per_epoch, "train_loss": float(np.mean(losses)),
+                         "train_seconds": round(train_s, 1), "guidance": w, "sample_seconds": round(sample_s, 1),
+                         "consistency": cc["consistency"], "ceiling": cc["ceiling"]["consistency"]}
+                out["points"].append(point)
+                print(json.dumps(point), file=sys.stderr, flush=True)
     out["seconds"] = round(time.time() - t0, 1)
     out["peak_rss_mb"] = peak_rss_mb()
     out["environment"] = environment()

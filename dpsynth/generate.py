@@ -43,13 +43,15 @@ def sample_patients(schema, encoder, generator, latent_dim: int, n: int, *, rng:
 
 
 def add_notes(df: pd.DataFrame, column: str, model, tokenizer, *, temperature: float, top_p: float,
-              seed: int | None = None) -> None:
+              seed: int | None = None, guidance: float | None = None) -> None:
     """The chain's last link, in place: one note per row of the finished record + vitals, sampled by the note
-    model (temperature / top-p; seeded, else from OS entropy) and cleaned for CSV (``clean_note``). Used by
+    model (temperature / top-p / classifier-free guidance, by default the model's TextConfig.guidance; seeded,
+    else from OS entropy) and cleaned for CSV (``clean_note``). Used by
     ``generate`` and the coordinator's candidate release."""
     g = torch.Generator()
     g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
-    notes = sample_notes(model, tokenizer, df, temperature=temperature, top_p=top_p, generator=g)
+    guidance = model.config.guidance if guidance is None else guidance
+    notes = sample_notes(model, tokenizer, df, temperature=temperature, top_p=top_p, generator=g, guidance=guidance)
     df[column] = [clean_note(t) for t in notes]
 
 

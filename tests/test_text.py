@@ -293,11 +293,13 @@ def test_dp_text_step_with_no_noise_and_no_clipping_equals_plain_step(tok, train
     B = 64
     base = NoteLM.for_tokenizer(tok, SMALL)
     plain = copy.deepcopy(base)
+    torch.manual_seed(11)  # the same condition dropout draws in both steps
     text_step(model=plain, optimizer=torch.optim.SGD(plain.parameters(), lr=0.05), criterion=None, batch=(ids[:B],),
               private=False)
     dp = copy.deepcopy(base)
     model, opt, crit, _ = _private(dp, ids, B, C=1e6, lr=0.05, mode=mode)
     assert opt.expected_batch_size == B
+    torch.manual_seed(11)
     text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
     assert not torch.equal(flat(plain), flat(base))
     torch.testing.assert_close(flat(dp), flat(plain), rtol=1e-4, atol=1e-6)
@@ -370,6 +372,75 @@ def test_sampling_with_cache_equals_greedy_decoding_without_cache(tok, train_df)
     a = sample_notes(m, tok, rows, generator=torch.Generator().manual_seed(1), top_p=0.9, max_new=30)
     b = sample_notes(m, tok, rows, generator=torch.Generator().manual_seed(1), top_p=0.9, max_new=30)
     assert a == b and len(a) == 3 and all(len(x) <= 30 for x in a)  # ≤ 30 bytes, each at most one character
+
+
+def test_guided_sampling_follows_u_plus_w_times_c_minus_u(tok, train_df):
+    """Classifier-free guidance: greedy guided decoding (cache, both streams in one batch) equals a reference
+    without cache that takes argmax(u + w (c − u)) of the conditional and the all-missing prefix's logits."""
+    from dataclasses import replace
+
+    torch.manual_seed(6)
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    with torch.no_grad():  # a random model whose condition moves the logits, so u and c differ
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    rows = train_df.iloc[:3]
+    w = 2.5
+    allowed = torch.full((tok.vocab_size,), float("-inf"))
+    allowed[tok.generable()] = 0
+
+    def prefix(cond):
+        return torch.cat([torch.full((3, 1), BOS), cond, torch.full((3, 1), SEP)], dim=1)
+
+    def reference(w):  # token ids (decoded text can hide differences: invalid bytes all become U+FFFD)
+        c_seq = prefix(torch.as_tensor(tok.encode_condition(rows)))
+        u_seq = prefix(torch.as_tensor(tok.unconditional()).expand(3, -1))
+        with torch.no_grad():
+            for _ in range(12):
+                c, u = m.logits(c_seq)[:, -1], m.logits(u_seq)[:, -1]
+                nxt = (u + w * (c - u) + allowed).argmax(-1)
+                c_seq, u_seq = (torch.cat([q, nxt[:, None]], dim=1) for q in (c_seq, u_seq))
+        return c_seq.tolist()
+
+    guided, unguided = reference(w), reference(1.0)
+    assert guided != unguided  # guidance changes the notes of this model
+    assert sample_notes(m, tok, rows, temperature=0.0, max_new=12, guidance=w) == [tok.decode(r) for r in guided]
+    assert sample_notes(m, tok, rows, temperature=0.0, max_new=12) == [tok.decode(r) for r in unguided]
+    # the chain's sampler (generate, the coordinator's candidate release) defaults to the model's TextConfig.guidance
+    from dpsynth.generate import add_notes, clean_note
+
+    m.config = replace(m.config, guidance=w)
+    df = rows.copy()
+    add_notes(df, "note", m, tok, temperature=0.7, top_p=0.9, seed=3)
+    ref = sample_notes(m, tok, rows, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(3), guidance=w)
+    assert df["note"].tolist() == [clean_note(x) for x in ref]
+    assert ref != sample_notes(m, tok, rows, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(3))
+
+
+def test_condition_dropout_replaces_the_whole_condition_in_training_only(tok, train_df, notes):
+    """cond_dropout p: in training, each example's condition becomes the all-missing one with probability p
+    (p = 1: always, p = 0: never); in evaluation (scoring, audits) never."""
+    from dataclasses import replace
+
+    ids = torch.as_tensor(tok.encode(train_df.iloc[:8], notes[:8]).ids)
+    uncond = ids.clone()
+    uncond[:, 1 : tok.prefix_len - 1] = torch.as_tensor(tok.unconditional())
+    torch.manual_seed(7)
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=1.0))
+    with torch.no_grad():
+        for p in m.parameters():  # a random model whose condition moves the loss
+            p.normal_(0, 0.5)
+        m.eval()
+        plain, dropped = m(ids), m(uncond)
+        assert not torch.allclose(plain, dropped)
+        m.train()
+        torch.testing.assert_close(m(ids), dropped)
+        m.config = replace(m.config, cond_dropout=0.0)
+        torch.testing.assert_close(m(ids), plain)
+        m.config = replace(m.config, cond_dropout=0.5)
+        torch.manual_seed(0)
+        half = m(ids)
+        assert 0 < int(torch.isclose(half, dropped).sum()) < 8  # some examples dropped, not all
 
 
 def _sex(note: str) -> int:

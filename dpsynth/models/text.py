@@ -40,6 +40,14 @@ for nn.Linear handles them by per-sample Gram matrices (‖Σ_t g_t a_tᵀ‖² 
 Embedding norm sampler sums the gradient rows of repeated token ids within a sample before the norm — both
 give the exact per-patient norm (tested against a plain step and against the clipping bound).
 
+Condition dropout and classifier-free guidance (Ho & Salimans 2022). In training, a patient's whole condition
+is replaced by the all-missing condition with probability ``TextConfig.cond_dropout``: a random transform of
+that patient's own example drawn independently of the data, so each patient still contributes one clipped
+gradient and the accounting is unchanged. The model thereby also learns p(note) without a record, and
+sampling can sharpen the record's effect: next-token logits u + w·(c − u), u from the all-missing prefix, c
+from the record's (both streams share one batch and one key/value cache layout). Under DP the record's signal
+is learnt slowly; guidance amplifies what was learnt (post-processing: no privacy effect).
+
 Cost: the Gram trick is O(B·T²·d) per Linear layer, so a step costs roughly quadratically in the longest
 note of the Poisson batch; ``text_step`` trims each batch to its longest sequence (no privacy effect: the
 computation is identical, only PAD columns are dropped).
@@ -244,6 +252,10 @@ class NoteTokenizer:
             return self.words[i - self.word_offset]
         raise ValueError(f"token id {i} is outside the vocabulary ({self.vocab_size})")
 
+    def unconditional(self) -> list[int]:
+        """The condition ids of a record with every column missing (condition dropout, guidance)."""
+        return [off + len(c.values) - 1 for c, off in zip(self.columns, self.offsets)]
+
     def condition_token(self, column: str, value: Any) -> int:
         for c, off in zip(self.columns, self.offsets):
             if c.name == column:
@@ -447,6 +459,14 @@ class TextConfig:
     lr: float = 1e-2
     epochs: int = 5  # ≈ 0.85 s per DP step at batch 256 on 2 cores: 5 epochs of the demo cohort ≈ 3.5–4 min
     batch_size: int = 256
+    # condition dropout: a training example's condition is replaced by the all-missing condition with this
+    # probability (a data-independent transform of each patient's own example: no privacy effect), which trains
+    # the unconditional model that classifier-free guidance needs
+    cond_dropout: float = 0.1
+    # classifier-free guidance at sampling (post-processing): logits = u + guidance · (c − u), u the
+    # all-missing condition's; 1 = plain conditional sampling. DP probe (ε 8 share, σ 0.69, 120 steps, 600
+    # prompts): condition consistency 0.54 / 0.58 / 0.61 at guidance 1 / 2 / 3; sampling costs ≈ 1.3–1.5×
+    guidance: float = 3.0
     # sampling defaults used by dpsynth.generate (post-processing: no privacy effect)
     temperature: float = 1.0
     top_p: float = 0.95
@@ -454,6 +474,8 @@ class TextConfig:
     def __post_init__(self):
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} must be a multiple of heads {self.heads}")
+        if not (0 <= self.cond_dropout <= 1 and self.guidance >= 0):
+            raise ValueError(f"cond_dropout must be in [0, 1] and guidance ≥ 0, got {self.cond_dropout}, {self.guidance}")
         if not (self.temperature >= 0 and 0 < self.top_p <= 1):
             raise ValueError(f"temperature must be ≥ 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
 
@@ -502,7 +524,8 @@ class Block(nn.Module):
 class NoteLM(nn.Module):
     """Decoder-only byte transformer. ``forward(ids)`` → per-sample mean NLL of the note tokens, shape [B]."""
 
-    def __init__(self, vocab_size: int, prefix_len: int, config: TextConfig | None = None):
+    def __init__(self, vocab_size: int, prefix_len: int, config: TextConfig | None = None,
+                 uncond: list[int] | None = None):
         super().__init__()
         config = config or TextConfig()
         self.config = config
@@ -511,6 +534,9 @@ class NoteLM(nn.Module):
         d = config.d_model
         self.tok = SeqEmbedding(vocab_size, d)
         self.pos = SeqEmbedding(config.max_len, d)
+        # the all-missing condition (condition dropout, guidance); not saved: it comes from the tokenizer
+        self.register_buffer("uncond", torch.as_tensor(uncond if uncond is not None else [], dtype=torch.long),
+                             persistent=False)
         self.blocks = nn.ModuleList([Block(d, config.heads, config.mlp) for _ in range(config.layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = SeqLinear(d, vocab_size)  # untied from self.tok: ghost clipping refuses shared parameters
@@ -528,7 +554,7 @@ class NoteLM(nn.Module):
         config = config or TextConfig(max_len=tokenizer.max_len)
         if config.max_len != tokenizer.max_len:
             raise ValueError(f"config.max_len {config.max_len} differs from the tokenizer's {tokenizer.max_len}")
-        return cls(tokenizer.vocab_size, tokenizer.prefix_len, config)
+        return cls(tokenizer.vocab_size, tokenizer.prefix_len, config, uncond=tokenizer.unconditional())
 
     def _embed(self, ids: torch.Tensor, t0: int = 0) -> torch.Tensor:
         ids = ids.contiguous()  # Opacus' embedding norm sampler views the ids flat
@@ -562,6 +588,12 @@ class NoteLM(nn.Module):
         return nll.sum(dim=1), mask.sum(dim=1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self.config.cond_dropout
+        if self.training and p > 0 and len(self.uncond) == self.prefix_len - 2:
+            drop = torch.rand(ids.shape[0], device=ids.device) < p
+            if bool(drop.any()):
+                ids = ids.clone()
+                ids[drop, 1 : self.prefix_len - 1] = self.uncond
         total, count = self.token_nll(ids)
         return total / count.clamp(min=1.0)
 
@@ -660,10 +692,18 @@ def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, genera
     return idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
+def _guide(logits: torch.Tensor, B: int, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance u + w (c − u) when rows B … 2B−1 are the unconditional stream (else as is)."""
+    if logits.shape[0] == B:
+        return logits
+    c, u = logits[:B], logits[B:]
+    return u + guidance * (c - u)
+
+
 @torch.no_grad()
 def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.ndarray, *, temperature: float = 1.0,
                  top_p: float = 0.95, generator: torch.Generator | None = None, max_new: int | None = None,
-                 batch: int = 512) -> list[str]:
+                 batch: int = 512, guidance: float = 1.0) -> list[str]:
     """One note per condition row (a frame of records, or [n, K] condition ids), generated token by token
     with a key/value cache, temperature and nucleus (top-p) sampling. Only byte tokens and EOS can be
     generated; a note that reaches ``max_new`` tokens (default: the room left in ``max_len``) stops there."""
@@ -683,12 +723,17 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
     for s in range(0, len(cond), batch):
         c = torch.as_tensor(cond[s : s + batch], dtype=torch.long)
         B = c.shape[0]
-        prefix = torch.cat([torch.full((B, 1), BOS), c, torch.full((B, 1), SEP)], dim=1)
-        caches = [[torch.zeros(B, cfg.heads, tokenizer.max_len, dh) for _ in range(2)] for _ in m.blocks]
+        guided = guidance != 1.0
+        if guided:  # the unconditional stream rides in the same batch: rows B … 2B−1
+            c = torch.cat([c, torch.as_tensor(tokenizer.unconditional(), dtype=torch.long).expand(B, -1)])
+        R = c.shape[0]  # B, or 2B with the unconditional stream
+        prefix = torch.cat([torch.full((R, 1), BOS), c, torch.full((R, 1), SEP)], dim=1)
+        caches = [[torch.zeros(R, cfg.heads, tokenizer.max_len, dh) for _ in range(2)] for _ in m.blocks]
+
         x = m._embed(prefix, 0)
         for b, cache in zip(m.blocks, caches):
             x = b.step(x, cache, 0)
-        logits = m.head(m.ln_f(x[:, -1:]))[:, 0]
+        logits = _guide(m.head(m.ln_f(x[:, -1:]))[:, 0], B, guidance)
         t = prefix.shape[1]
         gen = torch.full((B, max_new), PAD, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
@@ -699,10 +744,11 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
             done |= nxt == EOS
             if bool(done.all()) or t >= tokenizer.max_len:
                 break
-            x = m._embed(nxt.unsqueeze(1), t)
+            step_ids = torch.cat([nxt, nxt]) if guided else nxt  # both streams continue the same note
+            x = m._embed(step_ids.unsqueeze(1), t)
             for b, cache in zip(m.blocks, caches):
                 x = b.step(x, cache, t)
-            logits = m.head(m.ln_f(x))[:, 0]
+            logits = _guide(m.head(m.ln_f(x))[:, 0], B, guidance)
             t += 1
         out += [tokenizer.decode(row) for row in gen.tolist()]
     m.train(was)
