@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/utility.py
 	$(BIN)/python bench/vitals.py
 	$(BIN)/python bench/notes.py
+	$(BIN)/python bench/notes_guidance.py
 	$(BIN)/python bench/audit_speed.py
 	$(BIN)/python bench/audit_controls.py
 	$(BIN)/python bench/demo_fed.py

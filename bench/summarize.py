@@ -133,9 +133,20 @@ def main() -> None:
     if ns:
         pts = "; ".join(f"{p['epochs']} epochs ({p['steps']} steps, {p['train_seconds']:.0f} s): {p['consistency']:.2f}"
                         for p in ns["points"])
-        print(f"**`bench/notes_steps.py`** — the note model alone, NON-PRIVATE (TextConfig defaults, {ns['train_notes']} "
+        tcs = ns["text_config"]  # runs before condition dropout / guidance existed had neither
+        print(f"**`bench/notes_steps.py`** — the note model alone, NON-PRIVATE (TextConfig of "
+              f"{ns['environment']['time_utc'][:10]}: lr {tcs['lr']}, condition dropout {tcs.get('cond_dropout', 0)}, "
+              f"guidance {tcs.get('guidance', 1.0)}; {ns['train_notes']} "
               f"training notes, {ns['evaluated_prompts']} holdout records prompted), condition consistency after: {pts} "
               f"(real-note ceiling {ns['points'][-1]['ceiling']:.2f}).\n")
+    ng = load("notes_guidance")
+    if ng:
+        pts = "; ".join(f"w = {p['guidance']:g}: {p['consistency']:.2f}" for p in ng["points"])
+        print(f"**`bench/notes_guidance.py`** — the note model alone, DP (σ {ng['noise_multiplier']}, {ng['steps']} steps, "
+              f"q {ng['sample_rate']:.4f}: the ε = 8 fit's; {ng['train_seconds']:.0f} s), notes for "
+              f"{ng['evaluated_prompts']} holdout records at each classifier-free guidance weight, condition "
+              f"consistency: {pts} (real-note ceiling {ng['points'][-1]['ceiling']:.2f}; "
+              f"{ng['environment']['time_utc'][:10]}).\n")
     fd = load("demo_fed")
     if fd:
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())

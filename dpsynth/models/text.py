@@ -464,8 +464,8 @@ class TextConfig:
     # the unconditional model that classifier-free guidance needs
     cond_dropout: float = 0.1
     # classifier-free guidance at sampling (post-processing): logits = u + guidance · (c − u), u the
-    # all-missing condition's; 1 = plain conditional sampling. DP probe (ε 8 share, σ 0.69, 120 steps, 600
-    # prompts): condition consistency 0.54 / 0.58 / 0.61 at guidance 1 / 2 / 3; sampling costs ≈ 1.3–1.5×
+    # all-missing condition's; 1 = plain conditional sampling. bench/notes_guidance.py (the ε = 8 fit's DP: σ 0.69,
+    # 240 steps): condition consistency 0.54 / 0.59 / 0.61 / 0.61 at w 1 / 2 / 3 / 5; sampling costs ≈ 1.3×
     guidance: float = 3.0
     # sampling defaults used by dpsynth.generate (post-processing: no privacy effect)
     temperature: float = 1.0
