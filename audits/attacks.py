@@ -340,7 +340,7 @@ def inference_risk(a: AuditData, max_secrets: int = 12, *, reps: int = 200, seed
         s_idx = _col_index(a.columns, [s])
         other = [i for i in range(len(a.columns)) if i not in s_idx]
 
-        def value(x):  # category index (one-hot) or 0/1
+        def value(x, s_idx=s_idx):  # category index (one-hot) or 0/1
             return x[:, s_idx].argmax(axis=1) if len(s_idx) > 1 else (x[:, s_idx[0]] > 0.5).astype(int)
 
         parts.append((*_neighbours(a, other, 1), value(a.synthetic), value(a.members), value(a.nonmembers)))

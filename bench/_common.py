@@ -55,3 +55,25 @@ def demo_frames(tmp: str | Path):
     real = validate_frame(pd.read_csv(data / "train.csv"), schema, "train")
     hold = validate_frame(pd.read_csv(data / "holdout.csv"), schema, "holdout")
     return data, schema, real, hold
+
+
+def demo_notes(max_len: int):
+    """The demo cohort with rendered notes for the note-model benchmarks: (schema, train frame, holdout frame,
+    tokenizer, int64 tensor of the training notes' padded token ids)."""
+    import tempfile
+
+    import pandas as pd
+    import torch
+
+    from dpsynth.data.demo import demo_schema_with_notes, write_demo
+    from dpsynth.models.text import NoteTokenizer
+    from dpsynth.schema import validate_frame
+
+    schema = demo_schema_with_notes()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo(tmp, notes=True)
+        tr = validate_frame(pd.read_csv(Path(tmp) / "train.csv"), schema, "train")
+        ho = validate_frame(pd.read_csv(Path(tmp) / "holdout.csv"), schema, "holdout")
+    tok = NoteTokenizer.from_schema(schema, max_len=max_len)
+    enc = tok.encode(tr.reset_index(drop=True), tr["note"].tolist())
+    return schema, tr, ho, tok, torch.from_numpy(enc.ids[enc.present])

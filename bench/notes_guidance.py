@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,22 +27,18 @@ def main() -> None:
     import warnings
 
     import numpy as np
-    import pandas as pd
     import torch
-    from _common import environment, peak_rss_mb, save
+    from _common import demo_notes, environment, peak_rss_mb, save
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dpsynth.data.demo import demo_schema_with_notes, write_demo
     from dpsynth.metrics.notes import condition_consistency
     from dpsynth.models.text import (
         NoteLM,
-        NoteTokenizer,
         TextConfig,
         make_private_text,
         sample_notes,
         text_step,
     )
-    from dpsynth.schema import validate_frame
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--guidance", nargs="+", type=float, default=[1.0, 2.0, 3.0, 5.0, 8.0])
@@ -54,15 +49,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     cfg = TextConfig()
-    schema = demo_schema_with_notes()
-    with tempfile.TemporaryDirectory() as tmp:
-        write_demo(tmp, notes=True)
-        tr = validate_frame(pd.read_csv(Path(tmp) / "train.csv"), schema, "train")
-        ho = validate_frame(pd.read_csv(Path(tmp) / "holdout.csv"), schema, "holdout")
-    tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
+    schema, tr, ho, tok, ids = demo_notes(cfg.max_len)
     model = NoteLM.for_tokenizer(tok, cfg)
-    enc = tok.encode(tr.reset_index(drop=True), tr["note"].tolist())
-    ids = torch.from_numpy(enc.ids[enc.present])
     loader = DataLoader(TensorDataset(ids), batch_size=cfg.batch_size)
     m, opt, crit, dl = make_private_text(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
                                          loader=loader, noise_multiplier=a.sigma, max_grad_norm=1.0,

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,14 +28,16 @@ def main() -> None:
     import warnings
 
     import numpy as np
-    import pandas as pd
     import torch
+    from _common import demo_notes, environment, peak_rss_mb, save
 
-    from _common import environment, peak_rss_mb, save
-    from dpsynth.data.demo import demo_schema_with_notes, write_demo
     from dpsynth.metrics.notes import condition_consistency
-    from dpsynth.models.text import NoteLM, NoteTokenizer, TextConfig, sample_notes, text_step
-    from dpsynth.schema import validate_frame
+    from dpsynth.models.text import (
+        NoteLM,
+        TextConfig,
+        sample_notes,
+        text_step,
+    )
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", nargs="+", type=int, default=[3, 8, 16])
@@ -49,16 +50,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(a.seed)
     cfg = replace(TextConfig(), **json.loads(a.text)) if a.text else TextConfig()
-    schema = demo_schema_with_notes()
-    with tempfile.TemporaryDirectory() as tmp:
-        write_demo(tmp, notes=True)
-        tr = validate_frame(pd.read_csv(Path(tmp) / "train.csv"), schema, "train")
-        ho = validate_frame(pd.read_csv(Path(tmp) / "holdout.csv"), schema, "holdout")
-    tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
+    schema, tr, ho, tok, ids = demo_notes(cfg.max_len)
     model = NoteLM.for_tokenizer(tok, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    enc = tok.encode(tr.reset_index(drop=True), tr["note"].tolist())
-    ids = torch.from_numpy(enc.ids[enc.present])
     n = len(ids)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     prompts = ho.sample(min(a.n_eval, len(ho)), random_state=0).reset_index(drop=True)
