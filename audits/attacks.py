@@ -17,7 +17,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from dpsynth.schema import Schema, canonical_category
 
-from .stats import Estimate, bootstrap, proportion
+from .stats import bootstrap, percentile_estimate, proportion
 
 
 @dataclass
@@ -309,8 +309,7 @@ def attribute_inference(a: AuditData, quasi_identifiers: list[str] | None = None
     boots = np.asarray(boots)
 
     def est(v: float, b: np.ndarray, baseline, method: str) -> dict:
-        lo, hi = np.percentile(b, [2.5, 97.5])
-        return Estimate(v, float(lo), float(hi), baseline, n, method).to_json()
+        return percentile_estimate(v, b, baseline, n, method).to_json()
 
     how = " (CI: victims and synthetic rows resampled)"
     return {"quasi_identifiers": qi, "sensitive": sensitive, "k": k,
@@ -366,9 +365,8 @@ def inference_risk(a: AuditData, max_secrets: int = 12, *, reps: int = 200, seed
         per[s] = {"attack_rate": ra, "control_rate": rc, "risk": (ra - rc) / (1 - rc) if rc < 1 else 0.0}
     rng = np.random.default_rng(seed)
     boots = [risk(*hits(_redraw(rng, S), rng.integers(0, n, n), rng.integers(0, n, n))) for _ in range(reps)]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    est = Estimate(risk(hm, hn), float(lo), float(hi), 0.0, n,
-                   "pooled over secrets: (attack − control)/(1 − control) (CI: victims and synthetic rows resampled)")
+    est = percentile_estimate(risk(hm, hn), boots, 0.0, n,
+                              "pooled over secrets: (attack − control)/(1 − control) (CI: victims and synthetic rows resampled)")
     return {"secrets": secrets, "per_secret": per, "attack_rate": float(hm.mean()), "control_rate": float(hn.mean()),
             "risk": est.to_json()}
 

@@ -50,5 +50,10 @@ def bootstrap(stat: Callable[[np.ndarray], float], n: int, *, baseline: float | 
         v = stat(rng.integers(0, n, n))
         if v is not None and np.isfinite(v):
             boots.append(v)
-    lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (float("nan"), float("nan")))
+    return percentile_estimate(value, boots, baseline, n, method)
+
+
+def percentile_estimate(value: float, boots, baseline: float | None, n: int, method: str) -> Estimate:
+    """The estimate with the 2.5–97.5 % percentiles of its bootstrap replicates as 95 % CI (NaN without any)."""
+    lo, hi = (np.percentile(boots, [2.5, 97.5]) if len(boots) else (float("nan"), float("nan")))
     return Estimate(value, float(lo), float(hi), baseline, n, method)

@@ -706,7 +706,8 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
                  batch: int = 512, guidance: float = 1.0) -> list[str]:
     """One note per condition row (a frame of records, or [n, K] condition ids), generated token by token
     with a key/value cache, temperature and nucleus (top-p) sampling. Only byte tokens and EOS can be
-    generated; a note that reaches ``max_new`` tokens (default: the room left in ``max_len``) stops there."""
+    generated; a note that reaches ``max_new`` tokens (default: the room left in ``max_len``) stops there.
+    ``guidance`` ≠ 1: classifier-free guidance, an all-missing-condition stream alongside in the same batch."""
     m = _plain(model)
     was = m.training
     m.eval()
@@ -720,16 +721,16 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
     cfg = m.config
     dh = cfg.d_model // cfg.heads
     out: list[str] = []
+    guided = guidance != 1.0
+    uncond = torch.as_tensor(tokenizer.unconditional(), dtype=torch.long)
     for s in range(0, len(cond), batch):
         c = torch.as_tensor(cond[s : s + batch], dtype=torch.long)
         B = c.shape[0]
-        guided = guidance != 1.0
         if guided:  # the unconditional stream rides in the same batch: rows B … 2B−1
-            c = torch.cat([c, torch.as_tensor(tokenizer.unconditional(), dtype=torch.long).expand(B, -1)])
+            c = torch.cat([c, uncond.expand(B, -1)])
         R = c.shape[0]  # B, or 2B with the unconditional stream
         prefix = torch.cat([torch.full((R, 1), BOS), c, torch.full((R, 1), SEP)], dim=1)
         caches = [[torch.zeros(R, cfg.heads, tokenizer.max_len, dh) for _ in range(2)] for _ in m.blocks]
-
         x = m._embed(prefix, 0)
         for b, cache in zip(m.blocks, caches):
             x = b.step(x, cache, 0)
