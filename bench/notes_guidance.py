@@ -1,14 +1,17 @@
-"""Classifier-free guidance for the DP note model (issue 7, condition consistency): which ``guidance`` to default to?
+"""How the DP note model follows its record (issue 7, condition consistency): conditioning paths and sampling.
 
 The note model alone, trained with DP-SGD exactly as in the chained fit (Opacus ghost clipping, Poisson sampling,
 TextConfig defaults incl. condition dropout) at the noise the default fit gives it at ε = 8 (equal budget shares
 with the WGAN and the flow: σ 0.69 for 240 steps, ``bench/notes.py``), on the demo cohort's real records and
-rendered notes (train split). Then notes are sampled for ``--n-eval`` real holdout records at each guidance
-weight w (logits u + w·(c − u); w = 1 is plain conditional sampling) and scored by
-``dpsynth.metrics.notes.condition_consistency`` against those records. Sampling is post-processing: every w
-uses the same trained model and the same ε.
+rendered notes (train split). One model per ``--variants`` entry (TextConfig overrides; by default without and
+with ``cond_vocab``, the condition → vocabulary path next to the in-context prefix), same seed, same noise. Then notes are sampled for ``--n-eval`` real holdout records at each
+classifier-free guidance weight w (logits u + w·(c − u); w = 1 is plain conditional sampling) and plausibility
+constraint α (guided candidates must have p_c ≥ α·max p_c; 0 = off) and scored by
+``dpsynth.metrics.notes.condition_consistency`` against those records, and by the real-vs-synthetic TF-IDF
+classifier AUC (``two_sample_test``; 0.5 = indistinguishable). Sampling is post-processing: every (w, α) uses
+the same trained model and the same ε.
 
-    python bench/notes_guidance.py [--guidance 1 2 3 5 8] [--sigma 0.69] [--steps 240]
+    python bench/notes_guidance.py [--guidance 1 3 5] [--plausibility 0 0.1] [--variants '[{}, ...]']
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NO_PATHS = {"cond_vocab": False}
+VARIANTS = [NO_PATHS, {}]
 
 
 def main() -> None:
@@ -31,7 +38,7 @@ def main() -> None:
     from _common import demo_notes, environment, peak_rss_mb, save
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dpsynth.metrics.notes import condition_consistency
+    from dpsynth.metrics.notes import condition_consistency, two_sample_test
     from dpsynth.models.text import (
         NoteLM,
         TextConfig,
@@ -41,43 +48,53 @@ def main() -> None:
     )
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--guidance", nargs="+", type=float, default=[1.0, 2.0, 3.0, 5.0, 8.0])
+    ap.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 5.0])
+    ap.add_argument("--plausibility", nargs="+", type=float, default=[0.0, 0.1])
+    ap.add_argument("--variants", default=json.dumps(VARIANTS),
+                    help="JSON list of TextConfig overrides, one DP model each ({} = the defaults)")
     ap.add_argument("--sigma", type=float, default=0.69, help="noise multiplier (default: the ε = 8 fit's)")
     ap.add_argument("--steps", type=int, default=240, help="DP steps (default: the ε = 8 fit's, 5 epochs)")
-    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--n-eval", type=int, default=600)
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    cfg = TextConfig()
-    schema, tr, ho, tok, ids = demo_notes(cfg.max_len)
-    model = NoteLM.for_tokenizer(tok, cfg)
-    loader = DataLoader(TensorDataset(ids), batch_size=cfg.batch_size)
-    m, opt, crit, dl = make_private_text(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                                         loader=loader, noise_multiplier=a.sigma, max_grad_norm=1.0,
-                                         noise_generator=None)
-    losses, t, steps = [], time.time(), 0
-    while steps < a.steps:
-        for b in dl:
-            losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b, private=True))
-            steps += 1
-            if steps >= a.steps:
-                break
-    train_s = time.time() - t
+    base = TextConfig()
+    schema, tr, ho, tok, ids = demo_notes(base.max_len)
     prompts = ho.sample(min(a.n_eval, len(ho)), random_state=0).reset_index(drop=True)
+    real = tr["note"].sample(len(prompts), random_state=0).tolist()
     out = {"benchmark": "notes_guidance", "private": True, "noise_multiplier": a.sigma, "steps": a.steps,
-           "sample_rate": cfg.batch_size / len(ids), "max_grad_norm": 1.0, "text_config": cfg.__dict__,
-           "train_notes": len(ids), "train_seconds": round(train_s, 1),
-           "final_loss": float(np.nanmean(losses[-24:])), "evaluated_prompts": len(prompts), "points": []}
-    for w in a.guidance:
-        t = time.time()
-        notes = sample_notes(m, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
-                             generator=torch.Generator().manual_seed(1), guidance=w)
-        sample_s = time.time() - t
-        cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
-        point = {"guidance": w, "sample_seconds": round(sample_s, 1), "consistency": cc["consistency"],
-                 "ceiling": cc["ceiling"]["consistency"]}
-        out["points"].append(point)
-        print(json.dumps(point), file=sys.stderr, flush=True)
+           "sample_rate": base.batch_size / len(ids), "max_grad_norm": 1.0, "text_config": base.__dict__,
+           "train_notes": len(ids), "evaluated_prompts": len(prompts), "models": []}
+    for over in json.loads(a.variants):
+        torch.manual_seed(0)
+        cfg = replace(base, **over)
+        model = NoteLM.for_tokenizer(tok, cfg)
+        loader = DataLoader(TensorDataset(ids), batch_size=cfg.batch_size)
+        m, opt, crit, dl = make_private_text(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                                             loader=loader, noise_multiplier=a.sigma, max_grad_norm=1.0,
+                                             noise_generator=torch.Generator().manual_seed(0))
+        losses, t, steps = [], time.time(), 0
+        while steps < a.steps:
+            for b in dl:
+                losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b, private=True))
+                steps += 1
+                if steps >= a.steps:
+                    break
+        res = {"variant": {k: getattr(cfg, k) for k in NO_PATHS}, "parameters": sum(p.numel() for p in model.parameters()),
+               "train_seconds": round(time.time() - t, 1), "final_loss": float(np.nanmean(losses[-24:])), "points": []}
+        print(json.dumps({k: v for k, v in res.items() if k != "points"}), file=sys.stderr, flush=True)
+        for w in a.guidance:
+            for alpha in (a.plausibility if w != 1 else [0.0]):  # the constraint acts on guided sampling only
+                t = time.time()
+                notes = sample_notes(m, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
+                                     generator=torch.Generator().manual_seed(1), guidance=w, plausibility=alpha)
+                sample_s = time.time() - t
+                cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
+                point = {"guidance": w, "plausibility": alpha, "sample_seconds": round(sample_s, 1),
+                         "consistency": cc["consistency"], "ceiling": cc["ceiling"]["consistency"],
+                         "two_sample_auc": two_sample_test(real, notes)["auc"], "example": notes[0]}
+                res["points"].append(point)
+                print(json.dumps(point), file=sys.stderr, flush=True)
+        out["models"].append(res)
     out["peak_rss_mb"] = peak_rss_mb()
     out["environment"] = environment()
     save("notes_guidance", out)

@@ -140,13 +140,21 @@ def main() -> None:
               f"training notes, {ns['evaluated_prompts']} holdout records prompted), condition consistency after: {pts} "
               f"(real-note ceiling {ns['points'][-1]['ceiling']:.2f}).\n")
     ng = load("notes_guidance")
-    if ng:
-        pts = "; ".join(f"w = {p['guidance']:g}: {p['consistency']:.2f}" for p in ng["points"])
+    if ng and "models" in ng:
         print(f"**`bench/notes_guidance.py`** — the note model alone, DP (σ {ng['noise_multiplier']}, {ng['steps']} steps, "
-              f"q {ng['sample_rate']:.4f}: the ε = 8 fit's; {ng['train_seconds']:.0f} s), notes for "
-              f"{ng['evaluated_prompts']} holdout records at each classifier-free guidance weight, condition "
-              f"consistency: {pts} (real-note ceiling {ng['points'][-1]['ceiling']:.2f}; "
-              f"{ng['environment']['time_utc'][:10]}).\n")
+              f"q {ng['sample_rate']:.4f}: the ε = 8 fit's), one model per set of conditioning paths, notes for "
+              f"{ng['evaluated_prompts']} holdout records; condition consistency / real-vs-synthetic AUC at guidance w "
+              f"and plausibility α ({ng['environment']['time_utc'][:10]}):\n")
+        pts0 = ng["models"][0]["points"]
+        print("| condition → vocabulary path | train s | final loss | " + " | ".join(
+            f"w {p['guidance']:g}, α {p['plausibility']:g}" for p in pts0) + " |")
+        print("|---|---|---|" + "---|" * len(pts0))
+        for r in ng["models"]:
+            v = r["variant"]
+            print(f"| {'yes' if v['cond_vocab'] else 'no'} | {r['train_seconds']:.0f} | "
+                  f"{r['final_loss']:.2f} | " + " | ".join(f"{p['consistency']:.2f} / {p['two_sample_auc']:.3f}"
+                                                         for p in r["points"]) + " |")
+        print(f"\n(real-note ceiling {pts0[-1]['ceiling']:.2f})\n")
     fd = load("demo_fed")
     if fd:
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())

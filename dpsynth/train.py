@@ -59,6 +59,7 @@ TEXT_MECHANISM = "dp-sgd:text"
 MODELS = ("wgan", "flow", "text")
 RECORD_MODELS = ("wgan", "flow")  # the default chained patient of a schema without a text column
 CANARY_COUNTS = (1, 4, 16)  # repetition counts of the planted canaries (audits.text.COUNTS)
+LEGACY_TEXT_PATHS = ("cond_vocab",)  # TextConfig flags absent from note models saved before them
 CANARY_WARNING = ("planted secret-sharer canaries: keep inside the model directory for the memorisation audit; "
                   "never release this file")
 BUDGET_SPLIT_RULE = (
@@ -141,6 +142,9 @@ class TrainConfig:
             w["betas"] = tuple(w["betas"])
         f = dict(d.pop("flow", {}))
         t = dict(d.pop("text", {}))  # model directories written before the note model existed: defaults
+        if t:  # note models written before the condition paths existed have none (their weights lack them)
+            for k in LEGACY_TEXT_PATHS:
+                t.setdefault(k, False)
         d.setdefault("models", ["wgan"])  # model directories written before the flow existed
         return cls(**d, wgan=WGANConfig(**w), flow=FlowConfig(**f), text=TextConfig(**t))
 

@@ -6,6 +6,7 @@ import copy
 import math
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from dpsynth.data.notes import NOTE_LABEL, render_notes
 from dpsynth.models.text import (
     BOS,
     EOS,
+    FIRST_COND,
     PAD,
     SEP,
     NoteLM,
@@ -221,7 +223,7 @@ def test_attention_is_causal(tok, train_df, notes):
 
 def test_loss_predicts_note_tokens_only(tok, train_df, notes):
     torch.manual_seed(1)
-    m = NoteLM.for_tokenizer(tok, SMALL)
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0))  # the loss of the record's own condition
     enc = encoded(tok, train_df.iloc[:5], ["short", "", "a somewhat longer note here", notes.iloc[3], "é"])
     ids = torch.from_numpy(enc.ids)
     got = m(ids)
@@ -376,8 +378,8 @@ def test_sampling_with_cache_equals_greedy_decoding_without_cache(tok, train_df)
 
 def test_guided_sampling_follows_u_plus_w_times_c_minus_u(tok, train_df):
     """Classifier-free guidance: greedy guided decoding (cache, both streams in one batch) equals a reference
-    without cache that takes argmax(u + w (c − u)) of the conditional and the all-missing prefix's logits."""
-    from dataclasses import replace
+    without cache that takes argmax(u + w (c − u)) of the conditional and the all-missing prefix's logits among
+    the tokens that pass the plausibility constraint (p_c ≥ α · max p_c)."""
 
     torch.manual_seed(6)
     m = NoteLM.for_tokenizer(tok, SMALL)
@@ -385,20 +387,23 @@ def test_guided_sampling_follows_u_plus_w_times_c_minus_u(tok, train_df):
         for p in m.parameters():
             p.normal_(0, 0.5)
     rows = train_df.iloc[:3]
-    w = 2.5
+    w, alpha = 2.5, m.config.plausibility
+    assert alpha > 0
     allowed = torch.full((tok.vocab_size,), float("-inf"))
     allowed[tok.generable()] = 0
 
     def prefix(cond):
         return torch.cat([torch.full((3, 1), BOS), cond, torch.full((3, 1), SEP)], dim=1)
 
-    def reference(w):  # token ids (decoded text can hide differences: invalid bytes all become U+FFFD)
+    def reference(w, alpha=alpha):  # token ids (decoded text can hide differences: invalid bytes all become U+FFFD)
         c_seq = prefix(torch.as_tensor(tok.encode_condition(rows)))
         u_seq = prefix(torch.as_tensor(tok.unconditional()).expand(3, -1))
         with torch.no_grad():
             for _ in range(12):
                 c, u = m.logits(c_seq)[:, -1], m.logits(u_seq)[:, -1]
-                nxt = (u + w * (c - u) + allowed).argmax(-1)
+                p = torch.softmax(c + allowed, dim=-1)  # plausibility: p_c ≥ α · max p_c among generable tokens
+                plausible = p >= alpha * p.max(dim=-1, keepdim=True).values if w != 1 else p >= 0  # guided only
+                nxt = (u + w * (c - u) + allowed).masked_fill(~plausible, float("-inf")).argmax(-1)
                 c_seq, u_seq = (torch.cat([q, nxt[:, None]], dim=1) for q in (c_seq, u_seq))
         return c_seq.tolist()
 
@@ -406,6 +411,11 @@ def test_guided_sampling_follows_u_plus_w_times_c_minus_u(tok, train_df):
     assert guided != unguided  # guidance changes the notes of this model
     assert sample_notes(m, tok, rows, temperature=0.0, max_new=12, guidance=w) == [tok.decode(r) for r in guided]
     assert sample_notes(m, tok, rows, temperature=0.0, max_new=12) == [tok.decode(r) for r in unguided]
+    strict, unconstrained = reference(5.0, alpha=0.5), reference(5.0, alpha=0.0)
+    assert strict != unconstrained  # the constraint binds for this model (0 switches it off)
+    for a, ref in ((0.5, strict), (0.0, unconstrained)):
+        assert sample_notes(m, tok, rows, temperature=0.0, max_new=12, guidance=5.0, plausibility=a) == [
+            tok.decode(r) for r in ref]
     # the chain's sampler (generate, the coordinator's candidate release) defaults to the model's TextConfig.guidance
     from dpsynth.generate import add_notes, clean_note
 
@@ -417,10 +427,35 @@ def test_guided_sampling_follows_u_plus_w_times_c_minus_u(tok, train_df):
     assert ref != sample_notes(m, tok, rows, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(3))
 
 
+def test_condition_to_vocabulary_path_adds_gated_offsets_of_the_record_s_own_condition_tokens(tok, train_df, notes):
+    """logits = head(h) + Σ_k gate_k(h) · E[c_k]: with E = 0 the model is the same transformer without the path;
+    an offset in the row of one condition token moves that token's logit only in the records that have it, by the
+    gate of its column."""
+    torch.manual_seed(8)
+    assert SMALL.cond_vocab
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0))
+    plain = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, cond_vocab=False))
+    assert m.cond_out.weight.shape == (tok.word_offset - FIRST_COND, tok.vocab_size) and plain.cond_out is None
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("cond_")})
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:40], notes.iloc[:40]).ids)
+    with torch.no_grad():
+        assert not m.cond_out.weight.any()  # starts as the plain transformer
+        torch.testing.assert_close(m.logits(ids), plain.logits(ids))
+        col = [c.name for c in tok.columns].index("diabetes")
+        yes = tok.condition_token("diabetes", 1)
+        target = tok.word_ids[" DM"] if " DM" in tok.word_ids else ord("D")
+        m.cond_out.weight[yes - FIRST_COND, target] = 5.0
+        diff = m.logits(ids) - plain.logits(ids)
+        has = ids[:, 1 + col] == yes
+        assert 0 < int(has.sum()) < len(ids)
+        gate = m.cond_gate(m.hidden(ids))[..., col]
+        torch.testing.assert_close(diff[has][..., target], 5.0 * gate[has])
+        assert not diff[~has].any() and not diff[has][..., :target].any()
+
+
 def test_condition_dropout_replaces_the_whole_condition_in_training_only(tok, train_df, notes):
     """cond_dropout p: in training, each example's condition becomes the all-missing one with probability p
     (p = 1: always, p = 0: never); in evaluation (scoring, audits) never."""
-    from dataclasses import replace
 
     ids = torch.as_tensor(tok.encode(train_df.iloc[:8], notes[:8]).ids)
     uncond = ids.clone()

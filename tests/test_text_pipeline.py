@@ -133,6 +133,11 @@ def test_the_default_patient_has_a_note_exactly_when_the_schema_has_a_text_colum
     old = TrainConfig().to_json()
     old.pop("text"), old.pop("canaries")  # a model directory written before the note model
     assert TrainConfig.from_json(old).text == TextConfig()
+    # a note model saved before the condition → vocabulary path: its weights lack the path, so its config must too
+    older = TrainConfig().to_json()
+    older["text"].pop("cond_vocab")
+    assert TextConfig().cond_vocab and not TrainConfig.from_json(older).text.cond_vocab
+    assert TrainConfig.from_json(TrainConfig().to_json()).text == TextConfig()
 
 
 # ------------------------------------------------------------------------------------------------
