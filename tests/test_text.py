@@ -264,8 +264,10 @@ def test_sequence_linear_ghost_norm_is_the_exact_per_sample_norm(T):
     torch.testing.assert_close(got[layer.bias], g.sum(1).norm(dim=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dense_max", [None, 0])  # the scatter (small tables) and Opacus' fallback
-def test_sequence_embedding_ghost_norm_is_the_exact_per_sample_norm(monkeypatch, dense_max):
+@pytest.mark.parametrize("dense_max, distinct", [(None, False), (0, False), (None, True), (0, True)])
+def test_sequence_embedding_ghost_norm_is_the_exact_per_sample_norm(monkeypatch, dense_max, distinct):
+    """The scatter (small tables), Opacus' fallback, and samples without a repeated id (positions, condition
+    tokens: the norm of the output gradients themselves) all give the norm of the per-sample table gradient."""
     from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
 
     import dpsynth.models.text as text_mod
@@ -273,11 +275,16 @@ def test_sequence_embedding_ghost_norm_is_the_exact_per_sample_norm(monkeypatch,
     if dense_max is not None:
         monkeypatch.setattr(text_mod, "DENSE_EMBEDDING_NORM_MAX", dense_max)
     torch.manual_seed(3)
-    layer = text_mod.SeqEmbedding(7, 5)
-    ids = torch.randint(0, 7, (6, 30))  # many repeated ids within each sample
-    g = torch.randn(6, 30, 5)
+    V, T = 40, 30
+    layer = text_mod.SeqEmbedding(V, 5)
+    # distinct: a different permutation per sample; else repeated ids within each sample (and one sample
+    # with a single repeat, which must not take the distinct-id shortcut)
+    ids = torch.stack([torch.randperm(V)[:T] for _ in range(6)]) if distinct else torch.randint(0, V, (6, T))
+    if not distinct:
+        ids[0] = torch.arange(T) % 29
+    g = torch.randn(6, T, 5)
     got = text_mod._seq_embedding_norm_sample(layer, [ids], g)[layer.weight]
-    dense = torch.stack([torch.zeros(7, 5).index_add_(0, ids[b], g[b]).flatten() for b in range(6)])
+    dense = torch.stack([torch.zeros(V, 5).index_add_(0, ids[b], g[b]).flatten() for b in range(6)])
     torch.testing.assert_close(got, dense.norm(dim=1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, compute_embedding_norm_sample(layer, [ids], g)[layer.weight], rtol=1e-5, atol=1e-6)
 

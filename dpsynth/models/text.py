@@ -425,9 +425,13 @@ def _seq_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tens
     B = ids.shape[0]
     if not layer.weight.requires_grad:
         return {}
+    g = backprops.reshape(B, -1, layer.embedding_dim)
+    flat = ids.reshape(B, -1)
+    srt = flat.sort(dim=1).values
+    if not bool((srt[:, 1:] == srt[:, :-1]).any()):  # no id twice in a sample (positions, the condition tokens):
+        return {layer.weight: g.pow(2).sum(dim=(1, 2)).sqrt()}  # each row of the sample's gradient is one g_bt
     if B * layer.num_embeddings * layer.embedding_dim > DENSE_EMBEDDING_NORM_MAX:
         return compute_embedding_norm_sample(layer, activations, backprops)
-    g = backprops.reshape(B, -1, layer.embedding_dim)
     idx = ids.reshape(B, -1, 1).expand(-1, -1, layer.embedding_dim)
     per_sample = torch.zeros(B, layer.num_embeddings, layer.embedding_dim, dtype=g.dtype, device=g.device)
     per_sample.scatter_add_(1, idx, g)
