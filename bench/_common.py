@@ -42,16 +42,17 @@ def save(name: str, result: dict) -> Path:
     return path
 
 
-def demo_frames(tmp: str | Path):
-    """Write the demo cohort under ``tmp``/data and return (data dir, schema, train frame, holdout frame)."""
+def demo_frames(tmp: str | Path, *, notes: bool = False):
+    """Write the demo cohort (with its rendered notes when ``notes``) under ``tmp``/data and return (data dir,
+    schema, train frame, holdout frame)."""
     import pandas as pd
 
-    from dpsynth.data.demo import demo_schema, write_demo
+    from dpsynth.data.demo import demo_schema, demo_schema_with_notes, write_demo
     from dpsynth.schema import validate_frame
 
     data = Path(tmp) / "data"
-    write_demo(data)
-    schema = demo_schema()
+    write_demo(data, notes=notes)
+    schema = demo_schema_with_notes() if notes else demo_schema()
     real = validate_frame(pd.read_csv(data / "train.csv"), schema, "train")
     hold = validate_frame(pd.read_csv(data / "holdout.csv"), schema, "holdout")
     return data, schema, real, hold
@@ -62,18 +63,12 @@ def demo_notes(max_len: int):
     tokenizer, int64 tensor of the training notes' padded token ids)."""
     import tempfile
 
-    import pandas as pd
     import torch
 
-    from dpsynth.data.demo import demo_schema_with_notes, write_demo
     from dpsynth.models.text import NoteTokenizer
-    from dpsynth.schema import validate_frame
 
-    schema = demo_schema_with_notes()
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo(tmp, notes=True)
-        tr = validate_frame(pd.read_csv(Path(tmp) / "train.csv"), schema, "train")
-        ho = validate_frame(pd.read_csv(Path(tmp) / "holdout.csv"), schema, "holdout")
+        _, schema, tr, ho = demo_frames(tmp, notes=True)
     tok = NoteTokenizer.from_schema(schema, max_len=max_len)
     enc = tok.encode(tr.reset_index(drop=True), tr["note"].tolist())
     return schema, tr, ho, tok, torch.from_numpy(enc.ids[enc.present])

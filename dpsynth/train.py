@@ -142,7 +142,7 @@ class TrainConfig:
             w["betas"] = tuple(w["betas"])
         f = dict(d.pop("flow", {}))
         t = dict(d.pop("text", {}))  # model directories written before the note model existed: defaults
-        if t:  # note models written before the condition paths existed have none (their weights lack them)
+        if t:  # note models saved before a TextConfig path existed lack its weights: load them without it
             for k in LEGACY_TEXT_PATHS:
                 t.setdefault(k, False)
         d.setdefault("models", ["wgan"])  # model directories written before the flow existed
