@@ -3,8 +3,10 @@
 The note model alone, trained with DP-SGD exactly as in the chained fit (Opacus ghost clipping, Poisson sampling,
 TextConfig defaults incl. condition dropout) at the noise the default fit gives it at ε = 8 (equal budget shares
 with the WGAN and the flow: σ 0.69 for 240 steps, ``bench/notes.py``), on the demo cohort's real records and
-rendered notes (train split). One model per ``--variants`` entry (TextConfig overrides; by default without and
-with ``cond_vocab``, the condition → vocabulary path next to the in-context prefix), same seed, same noise. Then notes are sampled for ``--n-eval`` real holdout records at each
+rendered notes (train split). One model per ``--variants`` entry (TextConfig overrides; by default: without
+``cond_vocab``, the condition → vocabulary path next to the in-context prefix; with it under one flat clipping
+bound (``cond_clip_share`` 0); with it under two-group clipping, the default), same seed, same noise. Then notes
+are sampled for ``--n-eval`` real holdout records at each
 classifier-free guidance weight w (logits u + w·(c − u); w = 1 is plain conditional sampling) and plausibility
 constraint α (guided candidates must have p_c ≥ α·max p_c; 0 = off) and scored by
 ``dpsynth.metrics.notes.condition_consistency`` against those records, and by the real-vs-synthetic TF-IDF
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NO_PATHS = {"cond_vocab": False}
-VARIANTS = [NO_PATHS, {}]
+VARIANTS = [NO_PATHS, {"cond_clip_share": 0.0}, {}]
+RECORDED = ("cond_vocab", "cond_clip_share")
 
 
 def main() -> None:
@@ -79,7 +82,7 @@ def main() -> None:
                 steps += 1
                 if steps >= a.steps:
                     break
-        res = {"variant": {k: getattr(cfg, k) for k in NO_PATHS}, "parameters": sum(p.numel() for p in model.parameters()),
+        res = {"variant": {k: getattr(cfg, k) for k in RECORDED}, "parameters": sum(p.numel() for p in model.parameters()),
                "train_seconds": round(time.time() - t, 1), "final_loss": float(np.nanmean(losses[-24:])), "points": []}
         print(json.dumps({k: v for k, v in res.items() if k != "points"}), file=sys.stderr, flush=True)
         for w in a.guidance:

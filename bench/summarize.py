@@ -146,12 +146,14 @@ def main() -> None:
               f"{ng['evaluated_prompts']} holdout records; condition consistency / real-vs-synthetic AUC at guidance w "
               f"and plausibility α ({ng['environment']['time_utc'][:10]}):\n")
         pts0 = ng["models"][0]["points"]
-        print("| condition → vocabulary path | train s | final loss | " + " | ".join(
+        print("| condition → vocabulary path | clipping | train s | final loss | " + " | ".join(
             f"w {p['guidance']:g}, α {p['plausibility']:g}" for p in pts0) + " |")
-        print("|---|---|---|" + "---|" * len(pts0))
+        print("|---|---|---|---|" + "---|" * len(pts0))
         for r in ng["models"]:
             v = r["variant"]
-            print(f"| {'yes' if v['cond_vocab'] else 'no'} | {r['train_seconds']:.0f} | "
+            share = v.get("cond_clip_share", 0.0)
+            clip = f"two-group, path share {share:g}" if v["cond_vocab"] and share > 0 else "flat"
+            print(f"| {'yes' if v['cond_vocab'] else 'no'} | {clip} | {r['train_seconds']:.0f} | "
                   f"{r['final_loss']:.2f} | " + " | ".join(f"{p['consistency']:.2f} / {p['two_sample_auc']:.3f}"
                                                          for p in r["points"]) + " |")
         print(f"\n(real-note ceiling {pts0[-1]['ceiling']:.2f})\n")

@@ -59,7 +59,7 @@ TEXT_MECHANISM = "dp-sgd:text"
 MODELS = ("wgan", "flow", "text")
 RECORD_MODELS = ("wgan", "flow")  # the default chained patient of a schema without a text column
 CANARY_COUNTS = (1, 4, 16)  # repetition counts of the planted canaries (audits.text.COUNTS)
-LEGACY_TEXT_PATHS = ("cond_vocab",)  # TextConfig flags absent from note models saved before them
+LEGACY_TEXT_PATHS = ("cond_vocab", "cond_clip_share")  # TextConfig options absent from note models saved before them (off)
 CANARY_WARNING = ("planted secret-sharer canaries: keep inside the model directory for the memorisation audit; "
                   "never release this file")
 BUDGET_SPLIT_RULE = (
@@ -76,7 +76,8 @@ PRIVACY_STATEMENT = (
 )
 TEXT_STATEMENT = (
     " The note generator is trained with DP-SGD charged to the same accountant (one example per patient with a "
-    "note: the whole note is clipped as one example; patients without a note are not in its dataset). Its "
+    "note: the whole note is clipped as one example, its condition → vocabulary path and the rest of the model "
+    "each to their part of the one clipping norm; patients without a note are not in its dataset). Its "
     "tokenizer is byte-level plus the schema's public word pieces and condition tokens built from the schema only: "
     "nothing is fitted on the notes."
 )

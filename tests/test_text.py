@@ -334,6 +334,89 @@ def test_dp_text_step_clips_each_patient(tok, train_df, notes, mode):
     assert (flat(m1) - b1).norm().item() == pytest.approx(C, rel=1e-3)
 
 
+def _groups(m):
+    path = {id(p) for _, p in m.path_parameters()}
+    return ([p for p in m.parameters() if id(p) not in path], [p for p in m.parameters() if id(p) in path])
+
+
+def _moved(params, before):
+    return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, before)]).norm().item()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_two_group_clipping_bounds_each_group_of_one_patient(tok, train_df, notes, mode):
+    """σ = 0, one patient, tiny C: the path moves by exactly C·√s, the language model by exactly C·√(1 − s),
+    so the whole update is C (the sensitivity the noise is calibrated to)."""
+    torch.manual_seed(6)
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
+    C, share = 1e-3, 0.3
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_clip_share=share, cond_dropout=0.0))
+    lm, path = _groups(m)
+    assert path and len(lm) + len(path) == len(list(m.parameters()))
+    b_lm, b_path, b_all = [p.detach().clone() for p in lm], [p.detach().clone() for p in path], flat(m).clone()
+    model, opt, crit, _ = _private(m, ids, 1, C=C, lr=1.0, mode=mode)
+    text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:1],), private=True)
+    assert _moved(path, b_path) == pytest.approx(C * math.sqrt(share), rel=1e-3)
+    assert _moved(lm, b_lm) == pytest.approx(C * math.sqrt(1 - share), rel=1e-3)
+    assert (flat(m) - b_all).norm().item() == pytest.approx(C, rel=1e-3)
+
+
+def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, train_df, notes):
+    """σ = 0: the ghost and hooks updates both equal Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) / B computed one patient
+    at a time with plain autograd, c = min(1, bound / the group's norm) — for clipped and unclipped patients."""
+    torch.manual_seed(7)
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
+    B, share = 8, 0.5
+    cfg = replace(SMALL, cond_clip_share=share, cond_dropout=0.0)
+    base = NoteLM.for_tokenizer(tok, cfg)
+    with torch.no_grad():  # a path with weight, so the gate's gradient is not zero
+        base.cond_out.weight.normal_(0, 0.5)
+    ref = copy.deepcopy(base)
+    lm, path = _groups(ref)
+    norms = []
+    for i in range(B):
+        ref.zero_grad()
+        ref(ids[i : i + 1]).sum().backward()
+        norms.append((torch.cat([p.grad.reshape(-1) for p in lm]).norm().item(),
+                      torch.cat([p.grad.reshape(-1) for p in path]).norm().item()))
+    C = float(np.median([math.hypot(*n) for n in norms]))  # some patients clipped, some not
+    total = [torch.zeros_like(p) for p in ref.parameters()]
+    in_path = {id(p) for p in path}
+    clipped = 0
+    for i in range(B):
+        ref.zero_grad()
+        ref(ids[i : i + 1]).sum().backward()
+        c_lm = min(1.0, C * math.sqrt(1 - share) / (norms[i][0] + 1e-6))
+        c_path = min(1.0, C * math.sqrt(share) / (norms[i][1] + 1e-6))
+        clipped += (c_lm < 1) + (c_path < 1)
+        for t, p in zip(total, ref.parameters()):
+            t += (c_path if id(p) in in_path else c_lm) * p.grad
+    assert 0 < clipped < 2 * B
+    want = torch.cat([(b.detach() - 0.1 * t / B).reshape(-1) for b, t in zip(base.parameters(), total)])
+    for mode in ("ghost", "hooks"):
+        m = copy.deepcopy(base)
+        model, opt, crit, _ = _private(m, ids, B, C=C, lr=0.1, mode=mode)
+        text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
+        torch.testing.assert_close(flat(m), want, rtol=1e-4, atol=1e-6)
+
+
+def test_flat_clipping_when_the_path_share_is_zero(tok, train_df, notes):
+    """cond_clip_share 0: one bound for the whole gradient, as before two-group clipping (a path's share of a
+    single patient's update is then whatever its gradient's share is, not C·√s)."""
+    torch.manual_seed(8)
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
+    C = 1e-3
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_clip_share=0.0, cond_dropout=0.0))
+    lm, path = _groups(m)
+    probe = copy.deepcopy(m)
+    probe(ids[:1]).sum().backward()
+    g_lm, g_path = (torch.cat([p.grad.reshape(-1) for p in grp]).norm().item() for grp in _groups(probe))
+    b_path = [p.detach().clone() for p in path]
+    model, opt, crit, _ = _private(m, ids, 1, C=C, lr=1.0, mode="ghost")
+    text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:1],), private=True)
+    assert _moved(path, b_path) == pytest.approx(C * g_path / math.hypot(g_lm, g_path), rel=1e-3)
+
+
 def test_opacus_refuses_tied_embeddings_under_ghost_clipping(tok, train_df, notes):
     """Why the output layer is untied: a parameter used by two layers fails ghost clipping."""
     m = NoteLM.for_tokenizer(tok, SMALL)
