@@ -357,6 +357,8 @@ def cmd_budget(a) -> int:
             alone = f", ε alone {m['epsilon_alone']:.3f}" if "epsilon_alone" in m else ""
             sigma = "n/a" if m["noise_multiplier"] is None else f"{m['noise_multiplier']:.4g}"
             print(f"    - {name:<5} {m['mechanism']:<22} σ={sigma:<8} steps={m['steps']:<6} share={m['share']:g}{alone}")
+            if m.get("clipping"):
+                print(f"      clipping: {m['clipping']}")
     if v["budget_split"]:
         print(f"  budget split      {v['budget_split']['rule']}")
     if v["tokenizer"]:

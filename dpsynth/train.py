@@ -150,6 +150,15 @@ class TrainConfig:
         return cls(**d, wgan=WGANConfig(**w), flow=FlowConfig(**f), text=TextConfig(**t))
 
 
+def text_clipping(text: TextConfig) -> str:
+    """How the note model's per-patient clipping norm C is spent (models.text.make_private_text)."""
+    s = text.cond_clip_share if text.cond_vocab else 0.0
+    if s <= 0:
+        return "flat: each patient's whole gradient ≤ C"
+    return (f"two-group: each patient's gradient on the condition → vocabulary path ≤ C·√{s:g}, on the rest of "
+            f"the model ≤ C·√{1 - s:g}; the whole gradient ≤ C")
+
+
 @dataclass
 class Plan:
     n: int
@@ -741,7 +750,8 @@ def train(
                              "sample_rate": plan.text_sample_rate, "steps": sum(m.steps for m in text_sgd),
                              "planned_steps": plan.text_steps, "share": config.budget_shares["text"],
                              "rows": plan.text_n, "batch_size": config.text.batch_size,
-                             "sampling": "Poisson over the patients with a note, q = 1/ceil(n_notes/text batch size)"}
+                             "sampling": "Poisson over the patients with a note, q = 1/ceil(n_notes/text batch size)",
+                             "clipping": text_clipping(config.text)}
     for m, v in per_model.items():
         v["max_grad_norm"] = None if non_private else clip_norm(config, m)
     if not non_private:

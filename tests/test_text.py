@@ -407,7 +407,7 @@ def test_flat_clipping_when_the_path_share_is_zero(tok, train_df, notes):
     ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
     C = 1e-3
     m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_clip_share=0.0, cond_dropout=0.0))
-    lm, path = _groups(m)
+    _, path = _groups(m)
     probe = copy.deepcopy(m)
     probe(ids[:1]).sum().backward()
     g_lm, g_path = (torch.cat([p.grad.reshape(-1) for p in grp]).norm().item() for grp in _groups(probe))

@@ -118,6 +118,8 @@ def test_one_accountant_charges_the_three_models(dp_model, capsys):
     assert main(["budget", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"tokenizer         {WORD_TOKENIZER_KIND}" in printed and TEXT_MECHANISM in printed
+    s = TextConfig().cond_clip_share
+    assert t["clipping"].startswith("two-group") and f"C·√{s:g}" in t["clipping"] and t["clipping"] in printed
     load_model(out)  # every file matches its SHA-256
 
 
@@ -137,6 +139,10 @@ def test_the_default_patient_has_a_note_exactly_when_the_schema_has_a_text_colum
     older = TrainConfig().to_json()
     older["text"].pop("cond_vocab")
     assert TextConfig().cond_vocab and not TrainConfig.from_json(older).text.cond_vocab
+    # … and one trained before two-group clipping was trained (and resumes) with one flat bound
+    older = TrainConfig().to_json()
+    older["text"].pop("cond_clip_share")
+    assert TextConfig().cond_clip_share > 0 and TrainConfig.from_json(older).text.cond_clip_share == 0
     assert TrainConfig.from_json(TrainConfig().to_json()).text == TextConfig()
 
 
