@@ -44,7 +44,7 @@ from .errors import BudgetExceededError, DataError, ModelError, PrivacyParameter
 from .io_utils import atomic_write_json, read_json, sha256_file
 from .models.dp import PerSampleLoss, make_private
 from .models.flow import FlowConfig, flow_epoch, new_flow
-from .models.text import NoteLM, NoteTokenizer, TextConfig, text_epoch
+from .models.text import NoteLM, NoteTokenizer, TextConfig, make_private_text, text_epoch
 from .models.wgan import Critic, Generator, RealTermLoss, WGANConfig, wgan_step
 from .preprocess import Encoder
 from .privacy.accountant import ACCOUNTANT_NAME, Mechanism, SiteAccountant, calibrate_noise, calibrate_split
@@ -512,6 +512,9 @@ def train(
             from opacus.data_loader import DPDataLoader
 
             out = (module, optimizer, None, DPDataLoader.from_data_loader(loader, generator=sample_gen))
+        elif isinstance(module, NoteLM):  # its own wiring: two-group clipping (TextConfig.cond_clip_share)
+            out = make_private_text(model=module, optimizer=optimizer, loader=loader, noise_multiplier=noise,
+                                    max_grad_norm=clip, noise_generator=noise_gen)
         else:
             out = make_private(module=module, optimizer=optimizer, criterion=criterion, loader=loader,
                                noise_multiplier=noise, max_grad_norm=clip, noise_generator=noise_gen)

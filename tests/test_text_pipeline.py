@@ -22,6 +22,7 @@ from dpsynth.errors import DataError, ModelError
 from dpsynth.data.io import read_table, write_table
 from dpsynth.generate import GENERATED_NOTE_LABEL, clean_note, generate
 from dpsynth.models.flow import FlowConfig
+import dpsynth.models.text as text_mod
 from dpsynth.models.text import WORD_TOKENIZER_KIND, TextConfig
 from dpsynth.privacy.accountant import SiteAccountant
 from dpsynth.schema import Schema, validate_frame
@@ -62,8 +63,30 @@ def nhold(demo_dir, tschema):
 @pytest.fixture(scope="module")
 def dp_model(tmp_path_factory, ndf, tschema):
     out = tmp_path_factory.mktemp("text") / "model"
-    # seeded DP noise (tests only): the exposure check below is then reproducible
-    return out, quiet_train(ndf, tschema, out=out, epsilon=3.0, delta=1e-5, config=cfg(), seed=11)
+    real = text_mod._two_group_clipping
+
+    def spy(model, module, optimizer, mode, path, C, share):  # records how the fit wired the note model's clipping
+        TWO_GROUP_CALLS.append({"mode": mode, "path": len(path), "C": C, "share": share,
+                                "path_parameters": len(model.path_parameters())})
+        return real(model, module, optimizer, mode, path, C, share)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(text_mod, "_two_group_clipping", spy)
+        # seeded DP noise (tests only): the exposure check below is then reproducible
+        return out, quiet_train(ndf, tschema, out=out, epsilon=3.0, delta=1e-5, config=cfg(), seed=11)
+
+
+TWO_GROUP_CALLS: list[dict] = []
+
+
+def test_the_chained_fit_clips_the_note_model_in_two_groups(dp_model):
+    """The fit's note model goes through make_private_text's two-group clipping (once, ghost mode, the whole
+    path, the configured share and the fit's clipping norm)."""
+    out, res = dp_model
+    assert len(TWO_GROUP_CALLS) == 1
+    call = TWO_GROUP_CALLS[0]
+    assert call["mode"] == "ghost" and call["path"] == call["path_parameters"] == 3  # table, gate weight and bias
+    assert call["share"] == TextConfig().cond_clip_share and call["C"] == res.manifest["privacy"]["models"]["text"]["max_grad_norm"]
 
 
 # ------------------------------------------------------------------------------------------------
