@@ -496,8 +496,8 @@ class TextConfig:
     cond_dropout: float = 0.1
     # classifier-free guidance at sampling (post-processing): logits = u + guidance · (c − u), u the
     # all-missing condition's; 1 = plain conditional sampling. bench/notes_guidance.py (the ε = 8 fit's DP: σ 0.69,
-    # 240 steps, with the condition → vocabulary path): condition consistency 0.63 at w 1; 0.69 / 0.62 at w 3 / 5
-    # without the plausibility constraint, 0.70 / 0.71 with it; sampling costs ≈ 1.3×
+    # 240 steps, the defaults: path and two-group clipping): condition consistency 0.71 at w 1; 0.74 / 0.67 at
+    # w 3 / 5 without the plausibility constraint, 0.84 / 0.84 with it; sampling costs ≈ 1.3×
     guidance: float = 3.0
     # plausibility constraint of guided sampling (the adaptive plausibility of contrastive decoding, Li et al.
     # 2022): only tokens whose conditional probability is ≥ plausibility × the most likely token's are candidates.
