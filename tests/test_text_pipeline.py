@@ -82,7 +82,7 @@ TWO_GROUP_CALLS: list[dict] = []
 def test_the_chained_fit_clips_the_note_model_in_two_groups(dp_model):
     """The fit's note model goes through make_private_text's two-group clipping (once, ghost mode, the whole
     path, the configured share and the fit's clipping norm)."""
-    out, res = dp_model
+    _, res = dp_model
     assert len(TWO_GROUP_CALLS) == 1
     call = TWO_GROUP_CALLS[0]
     assert call["mode"] == "ghost" and call["path"] == call["path_parameters"] == 3  # table, gate weight and bias
