@@ -744,8 +744,8 @@ def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_
     out = make_private(module=model, optimizer=optimizer, criterion=PerSampleLoss(), loader=loader,
                        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=noise_generator,
                        grad_sample_mode=grad_sample_mode)
-    share = model.config.cond_clip_share if isinstance(model, NoteLM) else 0.0
-    path = {id(p) for _, p in model.path_parameters()} if share > 0 and isinstance(model, NoteLM) else set()
+    share = model.config.cond_clip_share
+    path = {id(p) for _, p in model.path_parameters()} if share > 0 else set()  # empty without the path
     if path:
         _two_group_clipping(model, out[0], out[1], grad_sample_mode, path, max_grad_norm, share)
     return out
