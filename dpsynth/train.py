@@ -152,7 +152,7 @@ class TrainConfig:
 
 def text_clipping(text: TextConfig) -> str:
     """How the note model's per-patient clipping norm C is spent (models.text.make_private_text)."""
-    s = text.cond_clip_share if text.cond_vocab else 0.0
+    s = text.path_clip_share
     if s <= 0:
         return "flat: each patient's whole gradient ≤ C"
     return (f"two-group: each patient's gradient on the condition → vocabulary path ≤ C·√{s:g}, on the rest of "

@@ -534,6 +534,11 @@ class TextConfig:
         if not (self.temperature >= 0 and 0 < self.top_p <= 1):
             raise ValueError(f"temperature must be ≥ 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
 
+    @property
+    def path_clip_share(self) -> float:
+        """The path's share of two-group clipping in effect: ``cond_clip_share`` with the path, else 0 (flat)."""
+        return self.cond_clip_share if self.cond_vocab else 0.0
+
 
 class Block(nn.Module):
     """Pre-LN transformer block: causal self-attention and an MLP, Linear/LayerNorm only."""
@@ -662,7 +667,7 @@ class NoteLM(nn.Module):
         clipping coefficients set it between Opacus' two backward passes; see ``make_private_text``)."""
         logits = self.head(h)
         if offsets is not None:
-            split = self.config.cond_clip_share > 0
+            split = self.config.path_clip_share > 0
             path = torch.bmm(self.cond_gate(h.detach() if split else h), offsets)
             if split and self.training and torch.is_grad_enabled():
                 self._path_scale = torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
@@ -744,8 +749,8 @@ def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_
     out = make_private(module=model, optimizer=optimizer, criterion=PerSampleLoss(), loader=loader,
                        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=noise_generator,
                        grad_sample_mode=grad_sample_mode)
-    share = model.config.cond_clip_share
-    path = {id(p) for _, p in model.path_parameters()} if share > 0 else set()  # empty without the path
+    share = model.config.path_clip_share
+    path = {id(p) for _, p in model.path_parameters()} if share > 0 else set()
     if path:
         _two_group_clipping(model, out[0], out[1], grad_sample_mode, path, max_grad_norm, share)
     return out
@@ -760,18 +765,18 @@ def _two_group_clipping(model: NoteLM, module, optimizer, mode: str, path: set[i
     second pass leaves c_A·g_A + c_P·g_P. hooks: the per-sample gradients exist; each group is scaled by its
     coefficient before Opacus' flat clipping at C, which then leaves them as they are (their norm is ≤ C)."""
     c_lm, c_path = C * math.sqrt(1.0 - share), C * math.sqrt(share)
-    params = [p for p in model.parameters() if p.requires_grad]
 
-    def coefficients(norms_lm: torch.Tensor, norms_path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (c_lm / (norms_lm + 1e-6)).clamp(max=1.0), (c_path / (norms_path + 1e-6)).clamp(max=1.0)
+    def coefficients(squares: list[tuple[nn.Parameter, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patient clipping coefficients (language model, path) from each parameter's squared per-sample
+        gradient norms [B]."""
+        lm = torch.stack([s for p, s in squares if id(p) not in path]).sum(0).sqrt()
+        pa = torch.stack([s for p, s in squares if id(p) in path]).sum(0).sqrt()
+        return (c_lm / (lm + 1e-6)).clamp(max=1.0), (c_path / (pa + 1e-6)).clamp(max=1.0)
 
     if mode == "ghost":
         def get_clipping_coef() -> torch.Tensor:
-            sq = [p._norm_sample.pow(2) for p in params]
-            lm = torch.stack([s for p, s in zip(params, sq) if id(p) not in path]).sum(0).sqrt()
-            pa = torch.stack([s for p, s in zip(params, sq) if id(p) in path]).sum(0).sqrt()
-            module.per_sample_gradient_norms = (lm.pow(2) + pa.pow(2)).sqrt()
-            a, b = coefficients(lm, pa)
+            a, b = coefficients([(p, p._norm_sample.pow(2)) for p in module.trainable_parameters])
+            module.get_norm_sample()  # Opacus' own record of the (unclipped) per-patient norms
             model._path_scale.copy_(b / a)
             return a
 
@@ -781,13 +786,9 @@ def _two_group_clipping(model: NoteLM, module, optimizer, mode: str, path: set[i
 
     def clip_and_accumulate() -> None:
         if len(optimizer.grad_samples[0]):
-            gs = {id(p): optimizer._get_flat_grad_sample(p) for p in optimizer.params}
-            sq = {k: g.reshape(len(g), -1).pow(2).sum(1) for k, g in gs.items()}
-            lm = torch.stack([v for k, v in sq.items() if k not in path]).sum(0).sqrt()
-            pa = torch.stack([v for k, v in sq.items() if k in path]).sum(0).sqrt()
-            a, b = coefficients(lm, pa)
-            for p in optimizer.params:
-                g = gs[id(p)]
+            gs = {p: optimizer._get_flat_grad_sample(p) for p in optimizer.params}
+            a, b = coefficients([(p, g.reshape(len(g), -1).pow(2).sum(1)) for p, g in gs.items()])
+            for p, g in gs.items():
                 c = b if id(p) in path else a
                 p.grad_sample = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
         flat_clip()
