@@ -2,7 +2,8 @@
 
 The note model alone, trained with DP-SGD exactly as in the chained fit (Opacus ghost clipping, Poisson sampling,
 TextConfig defaults incl. condition dropout) at the noise the default fit gives it at ε = 8 (equal budget shares
-with the WGAN and the flow: σ 0.69 for 240 steps, ``bench/notes.py``), on the demo cohort's real records and
+with the WGAN and the flow; ``dpsynth.train.make_plan`` for each variant's TextConfig, as ``bench/notes_sweep.py``
+does; ``--sigma`` / ``--steps`` override), on the demo cohort's real records and
 rendered notes (train split). One model per ``--variants`` entry (TextConfig overrides; by default: without
 ``cond_vocab``, the condition → vocabulary path next to the in-context prefix; with it under one flat clipping
 bound (``cond_clip_share`` 0); with it under two-group clipping, the default), same seed, same noise. Then notes
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NO_PATHS = {"cond_vocab": False}
 VARIANTS = [NO_PATHS, {"cond_clip_share": 0.0}, {}]
-RECORDED = ("cond_vocab", "cond_clip_share")
+RECORDED = ("cond_vocab", "cond_clip_share", "cond_sparse", "batch_size", "lr")
 
 
 def main() -> None:
@@ -39,6 +40,7 @@ def main() -> None:
     import numpy as np
     import torch
     from _common import demo_notes, environment, peak_rss_mb, save
+    from notes_sweep import noise
     from torch.utils.data import DataLoader, TensorDataset
 
     from dpsynth.metrics.notes import condition_consistency, two_sample_test
@@ -55,34 +57,38 @@ def main() -> None:
     ap.add_argument("--plausibility", nargs="+", type=float, default=[0.0, 0.1])
     ap.add_argument("--variants", default=json.dumps(VARIANTS),
                     help="JSON list of TextConfig overrides, one DP model each ({} = the defaults)")
-    ap.add_argument("--sigma", type=float, default=0.69, help="noise multiplier (default: the ε = 8 fit's)")
-    ap.add_argument("--steps", type=int, default=240, help="DP steps (default: the ε = 8 fit's, 5 epochs)")
+    ap.add_argument("--sigma", type=float, help="noise multiplier (default: the ε = 8 fit's for the variant)")
+    ap.add_argument("--steps", type=int, help="DP steps (default: the ε = 8 fit's for the variant)")
     ap.add_argument("--n-eval", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation, sampling and noise")
+    ap.add_argument("--save", default="notes_guidance", help="results/<name>.json")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     base = TextConfig()
     schema, tr, ho, tok, ids = demo_notes(base.max_len)
     prompts = ho.sample(min(a.n_eval, len(ho)), random_state=0).reset_index(drop=True)
     real = tr["note"].sample(len(prompts), random_state=0).tolist()
-    out = {"benchmark": "notes_guidance", "private": True, "noise_multiplier": a.sigma, "steps": a.steps,
-           "sample_rate": base.batch_size / len(ids), "max_grad_norm": 1.0, "text_config": base.__dict__,
+    out = {"benchmark": "notes_guidance", "private": True, "epsilon": 8.0, "max_grad_norm": 1.0, "text_config": base.__dict__,
            "train_notes": len(ids), "evaluated_prompts": len(prompts), "models": []}
     for over in json.loads(a.variants):
-        torch.manual_seed(0)
+        torch.manual_seed(a.seed)
         cfg = replace(base, **over)
+        sigma, n_steps = noise("plan", cfg, len(ids), 8.0, schema)
+        sigma, n_steps = a.sigma or sigma, a.steps or n_steps
         model = NoteLM.for_tokenizer(tok, cfg)
         loader = DataLoader(TensorDataset(ids), batch_size=cfg.batch_size)
         m, opt, crit, dl = make_private_text(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                                             loader=loader, noise_multiplier=a.sigma, max_grad_norm=1.0,
-                                             noise_generator=torch.Generator().manual_seed(0))
+                                             loader=loader, noise_multiplier=sigma, max_grad_norm=1.0,
+                                             noise_generator=torch.Generator().manual_seed(a.seed))
         losses, t, steps = [], time.time(), 0
-        while steps < a.steps:
+        while steps < n_steps:
             for b in dl:
                 losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b, private=True))
                 steps += 1
-                if steps >= a.steps:
+                if steps >= n_steps:
                     break
-        res = {"variant": {k: getattr(cfg, k) for k in RECORDED}, "parameters": sum(p.numel() for p in model.parameters()),
+        res = {"variant": {k: getattr(cfg, k) for k in RECORDED}, "noise_multiplier": sigma, "steps": n_steps,
+               "sample_rate": 1 / len(loader), "parameters": sum(p.numel() for p in model.parameters()),
                "train_seconds": round(time.time() - t, 1), "final_loss": float(np.nanmean(losses[-24:])), "points": []}
         print(json.dumps({k: v for k, v in res.items() if k != "points"}), file=sys.stderr, flush=True)
         for w in a.guidance:
@@ -100,7 +106,8 @@ def main() -> None:
         out["models"].append(res)
     out["peak_rss_mb"] = peak_rss_mb()
     out["environment"] = environment()
-    save("notes_guidance", out)
+    out["seed"] = a.seed
+    save(a.save, out)
 
 
 if __name__ == "__main__":

@@ -139,10 +139,16 @@ def main() -> None:
               f"guidance {tcs.get('guidance', 1.0)}; {ns['train_notes']} "
               f"training notes, {ns['evaluated_prompts']} holdout records prompted), condition consistency after: {pts} "
               f"(real-note ceiling {ns['points'][-1]['ceiling']:.2f}).\n")
-    ng = load("notes_guidance")
-    if ng and "models" in ng:
-        print(f"**`bench/notes_guidance.py`** — the note model alone, DP (σ {ng['noise_multiplier']}, {ng['steps']} steps, "
-              f"q {ng['sample_rate']:.4f}: the ε = 8 fit's), one model per set of conditioning paths, notes for "
+    # notes_guidance_batch256: the conditioning-path comparison at the TextConfig before the batch change
+    for name in ("notes_guidance_batch256", "notes_guidance", "notes_guidance_seed1"):
+        ng = load(name)
+        if not (ng and "models" in ng):
+            continue
+        r0 = ng["models"][0]  # runs before per-variant noise recorded one σ for all
+        noise = (f"σ {ng['noise_multiplier']}, {ng['steps']} steps, q {ng['sample_rate']:.4f}: the ε = 8 fit's at the "
+                 f"TextConfig of the time, batch {ng['text_config']['batch_size']}" if "noise_multiplier" in ng
+                 else f"σ {r0['noise_multiplier']:.2f}, {r0['steps']} steps, q {r0['sample_rate']:.4f}: the ε = 8 fit's")
+        print(f"**`bench/notes_guidance.py`**{'' if name == 'notes_guidance' else f' ({name})'} — seed {ng.get('seed', 0)}, the note model alone, DP ({noise}), one model per set of conditioning paths, notes for "
               f"{ng['evaluated_prompts']} holdout records; condition consistency / real-vs-synthetic AUC at guidance w "
               f"and plausibility α ({ng['environment']['time_utc'][:10]}):\n")
         pts0 = ng["models"][0]["points"]
@@ -153,10 +159,29 @@ def main() -> None:
             v = r["variant"]
             share = v.get("cond_clip_share", 0.0)
             clip = f"two-group, path share {share:g}" if v["cond_vocab"] and share > 0 else "flat"
+            if v.get("cond_sparse") and v["cond_vocab"]:
+                clip += f"; row-sparse path; batch {v['batch_size']}, lr {v['lr']:g}"
             print(f"| {'yes' if v['cond_vocab'] else 'no'} | {clip} | {r['train_seconds']:.0f} | "
                   f"{r['final_loss']:.2f} | " + " | ".join(f"{p['consistency']:.2f} / {p['two_sample_auc']:.3f}"
                                                          for p in r["points"]) + " |")
         print(f"\n(real-note ceiling {pts0[-1]['ceiling']:.2f})\n")
+    sw = load("notes_sweep_gpu")
+    if sw:
+        def setting(v):
+            return ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in sorted(v.items()))
+
+        print(f"**`bench/notes_sweep.py`** — the note model alone at the ε = {sw['epsilon']:g} fit's privacy loss "
+              f"(σ rule {sw['sigma_rule']}), {sw['prompts']} holdout records prompted, one run per seed "
+              f"({sw['environment'].get('date') or sw['environment']['time_utc'][:10]}, {sw['environment'].get('gpu', 'CPU')}); "
+              f"condition consistency mean (min) over seeds:\n")
+        print("| setting | seeds | σ | steps | consistency | final loss | cardiac arrest | MI | AF |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in sw["summary"]:
+            c = r["conditions"]
+            print(f"| {setting(r['variant'])} | {len(r['seeds'])} | {r['sigma']:.2f} | {r['steps']} | {r['mean']:.3f} "
+                  f"({r['min']:.3f}) | {r['final_loss']:.2f} | {c.get('cardiac_arrest', float('nan')):.2f} | "
+                  f"{c.get('mi', float('nan')):.2f} | {c.get('afib', float('nan')):.2f} |")
+        print()
     fd = load("demo_fed")
     if fd:
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())

@@ -15,6 +15,7 @@ from .errors import DpsynthError
 
 log = logging.getLogger("dpsynth")
 TEXT_EPOCHS = 5  # models.text.TextConfig().epochs (kept here so `dpsynth --help` does not import torch)
+TEXT_BATCH = 768  # models.text.TextConfig().batch_size (likewise)
 
 
 def _positive_int(v: str) -> int:
@@ -109,7 +110,7 @@ def cmd_train(a) -> int:
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, max_grad_norm=a.max_grad_norm,
                       checkpoints=a.checkpoints, select=not a.no_select, profile=a.profile, models=models,
                       budget_shares={**TrainConfig().budget_shares, **shares},
-                      flow=FlowConfig(epochs=a.flow_epochs), text=TextConfig(epochs=a.text_epochs),
+                      flow=FlowConfig(epochs=a.flow_epochs), text=TextConfig(epochs=a.text_epochs, batch_size=a.text_batch_size),
                       canaries=a.canaries)
     cfg = resolve_models(cfg, schema)
     if "text" in cfg.models and not a.resume:
@@ -474,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "chained patient, wgan,flow plus text when the schema has a text column")
     s.add_argument("--flow-epochs", type=_positive_int, default=60, help="epochs of the vitals flow")
     s.add_argument("--text-epochs", type=_positive_int, default=TEXT_EPOCHS, help="epochs of the note model")
+    s.add_argument("--text-batch-size", type=_positive_int, default=TEXT_BATCH,
+                   help="expected Poisson batch of the note model over the patients with a note (default %(default)s, "
+                        "measured on the demo's 12,260 notes: 16 steps per epoch; a cohort with far fewer notes needs "
+                        "a smaller batch, e.g. its number of notes / 16)")
     s.add_argument("--canaries", type=_nonneg_int, default=0,
                    help="plant N secret-sharer canaries per repetition count (1, 4, 16) in the training notes for "
                         "the memorisation audit (kept in the model directory only)")

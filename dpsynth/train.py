@@ -59,7 +59,7 @@ TEXT_MECHANISM = "dp-sgd:text"
 MODELS = ("wgan", "flow", "text")
 RECORD_MODELS = ("wgan", "flow")  # the default chained patient of a schema without a text column
 CANARY_COUNTS = (1, 4, 16)  # repetition counts of the planted canaries (audits.text.COUNTS)
-LEGACY_TEXT_PATHS = ("cond_vocab", "cond_clip_share")  # TextConfig options absent from note models saved before them (off)
+LEGACY_TEXT_PATHS = ("cond_vocab", "cond_clip_share", "cond_sparse")  # TextConfig options absent from note models saved before them (off)
 CANARY_WARNING = ("planted secret-sharer canaries: keep inside the model directory for the memorisation audit; "
                   "never release this file")
 BUDGET_SPLIT_RULE = (
@@ -289,7 +289,7 @@ def make_plan(
         if text_n < config.text.batch_size:
             raise DataError(
                 f"only {text_n} patients have a note, fewer than one expected text batch ({config.text.batch_size}); "
-                "DP-SGD needs many batches — use a smaller text batch size or more notes"
+                "DP-SGD needs many batches — use a smaller --text-batch-size (e.g. the number of notes / 16) or more notes"
             )
         t_spe = math.ceil(text_n / config.text.batch_size)
         tq = 1.0 / t_spe  # Opacus' Poisson rate for this loader (≈ batch / n_notes)

@@ -326,8 +326,9 @@ def test_dp_text_step_clips_each_patient(tok, train_df, notes, mode):
     text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
     moved = (flat(m) - before).norm().item()
     assert 0 < moved <= C * (1 + 1e-4)
-    # one patient alone, tiny clip: the update is exactly C (its gradient is far larger than C)
-    m1 = NoteLM.for_tokenizer(tok, SMALL)
+    # one patient alone, tiny clip: the update is exactly C (its gradient is far larger than C). No condition
+    # dropout: a dropped record has no row in the sparse path, so its update would be C·√(1 − s) only
+    m1 = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0))
     b1 = flat(m1).clone()
     model, opt, crit, _ = _private(m1, ids, 1, C=C, lr=1.0, mode=mode)
     text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:1],), private=True)
@@ -415,6 +416,40 @@ def test_flat_clipping_when_the_path_share_is_zero(tok, train_df, notes):
     model, opt, crit, _ = _private(m, ids, 1, C=C, lr=1.0, mode="ghost")
     text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:1],), private=True)
     assert _moved(path, b_path) == pytest.approx(C * g_path / math.hypot(g_lm, g_path), rel=1e-3)
+
+
+def test_row_sparse_path_reads_only_tokens_that_assert_something(tok, train_df, notes):
+    """cond_sparse: no row for a missing value or a binary "0" (from the schema alone); such rows never reach a
+    logit and get no gradient under DP-SGD (σ = 0), while the rows of present values learn. Off: every row."""
+    rows = tok.path_rows()
+    assert len(rows) == tok.word_offset - FIRST_COND and 0 < sum(rows) < len(rows)
+    for c in tok.columns:
+        assert not rows[tok.condition_token(c.name, None) - FIRST_COND]
+        if c.kind == "binary":
+            assert not rows[tok.condition_token(c.name, 0) - FIRST_COND] and rows[tok.condition_token(c.name, 1) - FIRST_COND]
+    torch.manual_seed(9)
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
+    dense = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, cond_sparse=False))
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0))
+    assert SMALL.cond_sparse and dense.cond_keep is None and m.cond_keep.tolist() == rows
+    with torch.no_grad():
+        for x in (m, dense):
+            x.cond_out.weight.normal_(0, 0.5)
+        uncond = torch.as_tensor([tok.unconditional()])
+        assert not m.cond_offsets(uncond).any() and dense.cond_offsets(uncond).abs().min() > 0
+        cond = m._cond(ids)
+        off = m.cond_offsets(cond)
+        keep = torch.as_tensor(rows)[cond - FIRST_COND]
+        torch.testing.assert_close(off[keep], m.cond_out.weight[(cond - FIRST_COND)[keep]])
+        assert not off[~keep].any()
+    before = m.cond_out.weight.detach().clone()
+    model, opt, crit, _ = _private(m, ids, 16, C=1.0, lr=0.1, mode="ghost")
+    text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:16],), private=True)
+    moved = (m.cond_out.weight.detach() - before).abs().sum(1) > 0
+    used = torch.zeros(len(rows), dtype=torch.bool)
+    used[(m._cond(ids[:16]) - FIRST_COND).unique()] = True
+    assert not moved[~torch.as_tensor(rows)].any()
+    assert torch.equal(moved, used & torch.as_tensor(rows))
 
 
 def test_opacus_refuses_tied_embeddings_under_ghost_clipping(tok, train_df, notes):

