@@ -135,7 +135,7 @@ def main() -> None:
                         for p in ns["points"])
         tcs = ns["text_config"]  # runs before condition dropout / guidance existed had neither
         print(f"**`bench/notes_steps.py`** — the note model alone, NON-PRIVATE (TextConfig of "
-              f"{ns['environment']['time_utc'][:10]}: lr {tcs['lr']}, condition dropout {tcs.get('cond_dropout', 0)}, "
+              f"{ns['environment']['time_utc'][:10]}: batch {tcs.get('batch_size')}, lr {tcs['lr']}, condition dropout {tcs.get('cond_dropout', 0)}, "
               f"guidance {tcs.get('guidance', 1.0)}; {ns['train_notes']} "
               f"training notes, {ns['evaluated_prompts']} holdout records prompted), condition consistency after: {pts} "
               f"(real-note ceiling {ns['points'][-1]['ceiling']:.2f}).\n")
