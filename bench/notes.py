@@ -38,14 +38,12 @@ def one_run(eps: float, seed: int, data: Path, n_syn: int, canaries: int, text: 
     from dataclasses import replace
 
     import pandas as pd
-    import torch
 
     from _common import peak_rss_mb
     from audits.text import model_exposure, ngram_overlap, note_identifier_replay
     from dpsynth.data.demo import demo_schema_with_notes
-    from dpsynth.generate import generate
+    from dpsynth.generate import add_notes, generate
     from dpsynth.metrics.notes import condition_consistency, note_metrics
-    from dpsynth.models.text import sample_notes
     from dpsynth.schema import validate_frame
     from dpsynth.train import TrainConfig, load_model, load_text, train
 
@@ -76,14 +74,11 @@ def one_run(eps: float, seed: int, data: Path, n_syn: int, canaries: int, text: 
         manifest, _, _, _ = load_model(out)
         model, tok, col = load_text(out, manifest, schema)
         metrics = note_metrics(real, hold, syn, schema, model=model, tokenizer=tok, seed=seed)
-        # the same note model prompted with real holdout records instead of synthetic ones (sampling defaults):
-        # separates what the note model learnt from what the synthetic records bring
+        # the same note model prompted with real holdout records instead of synthetic ones (generate's note step,
+        # sampling defaults): separates what the note model learnt from what the synthetic records bring
         prompts = hold.sample(min(2000, len(hold)), random_state=seed).reset_index(drop=True)
-        cfg_t = model.config
-        real_notes = sample_notes(model, tok, prompts, temperature=cfg_t.temperature, top_p=cfg_t.top_p,
-                                  generator=torch.Generator().manual_seed(seed), guidance=cfg_t.guidance,
-                                  plausibility=cfg_t.plausibility)
-        cc_real = condition_consistency(real, prompts.assign(**{col: real_notes}), schema, real_holdout=hold)
+        add_notes(prompts, col, model, tok, temperature=model.config.temperature, top_p=model.config.top_p, seed=seed)
+        cc_real = condition_consistency(real, prompts, schema, real_holdout=hold)
         metrics["summary"]["consistency_real_prompts"] = cc_real["consistency"]
         exp = model_exposure(out, real, n_candidates=1000, seed=seed)
         sy, tr, ho = (list(f[col].dropna().astype(str)) for f in (syn, real, hold))

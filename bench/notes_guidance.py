@@ -40,16 +40,13 @@ def main() -> None:
     import numpy as np
     import torch
     from _common import demo_notes, environment, peak_rss_mb, save
-    from notes_sweep import noise
-    from torch.utils.data import DataLoader, TensorDataset
+    from notes_sweep import noise, train_private
 
     from dpsynth.metrics.notes import condition_consistency, two_sample_test
     from dpsynth.models.text import (
         NoteLM,
         TextConfig,
-        make_private_text,
         sample_notes,
-        text_step,
     )
 
     ap = argparse.ArgumentParser()
@@ -76,25 +73,15 @@ def main() -> None:
         sigma, n_steps = noise("plan", cfg, len(ids), 8.0, schema)
         sigma, n_steps = a.sigma or sigma, a.steps or n_steps
         model = NoteLM.for_tokenizer(tok, cfg)
-        loader = DataLoader(TensorDataset(ids), batch_size=cfg.batch_size)
-        m, opt, crit, dl = make_private_text(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                                             loader=loader, noise_multiplier=sigma, max_grad_norm=1.0,
-                                             noise_generator=torch.Generator().manual_seed(a.seed))
-        losses, t, steps = [], time.time(), 0
-        while steps < n_steps:
-            for b in dl:
-                losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b, private=True))
-                steps += 1
-                if steps >= n_steps:
-                    break
+        losses, train_s, q = train_private(model, cfg, ids, sigma=sigma, steps=n_steps, seed=a.seed)
         res = {"variant": {k: getattr(cfg, k) for k in RECORDED}, "noise_multiplier": sigma, "steps": n_steps,
-               "sample_rate": 1 / len(loader), "parameters": sum(p.numel() for p in model.parameters()),
-               "train_seconds": round(time.time() - t, 1), "final_loss": float(np.nanmean(losses[-24:])), "points": []}
+               "sample_rate": q, "parameters": sum(p.numel() for p in model.parameters()),
+               "train_seconds": round(train_s, 1), "final_loss": float(np.nanmean(losses[-24:])), "points": []}
         print(json.dumps({k: v for k, v in res.items() if k != "points"}), file=sys.stderr, flush=True)
         for w in a.guidance:
             for alpha in (a.plausibility if w != 1 else [0.0]):  # the constraint acts on guided sampling only
                 t = time.time()
-                notes = sample_notes(m, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
+                notes = sample_notes(model, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
                                      generator=torch.Generator().manual_seed(1), guidance=w, plausibility=alpha)
                 sample_s = time.time() - t
                 cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)

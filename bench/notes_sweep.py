@@ -71,23 +71,37 @@ def noise(rule: str, cfg, n_notes: int, epsilon: float, schema) -> tuple[float, 
     return plan.text_noise, plan.text_steps
 
 
+def train_private(model, cfg, ids, *, sigma: float, steps: int, seed: int, device: str = "cpu") -> tuple[list, float, float]:
+    """DP-train ``model`` (a NoteLM on ``device``) as the chained fit does: ``make_private_text`` (ghost and two-group
+    clipping, Poisson batches of ``cfg.batch_size`` over ``ids``, clipping norm 1), Adam at ``cfg.lr``, ``steps``
+    steps at noise ``sigma`` drawn from a generator seeded with ``seed``. Returns (per-step losses, seconds, q)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpsynth.models.text import make_private_text, text_step
+
+    loader = DataLoader(TensorDataset(ids), batch_size=cfg.batch_size)
+    m, opt, crit, dl = make_private_text(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr), loader=loader, noise_multiplier=sigma,
+        max_grad_norm=1.0, noise_generator=torch.Generator(device=device).manual_seed(seed))
+    losses, t = [], time.time()
+    while len(losses) < steps:
+        for (b,) in dl:
+            losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b.to(device), private=True))
+            if len(losses) >= steps:
+                break
+    return losses, time.time() - t, 1 / len(loader)
+
+
 def one(spec: dict) -> dict:
     import warnings
     from dataclasses import replace
 
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     from dpsynth.metrics.notes import condition_consistency
-    from dpsynth.models.text import (
-        NoteLM,
-        NoteTokenizer,
-        TextConfig,
-        make_private_text,
-        sample_notes,
-        text_step,
-    )
+    from dpsynth.models.text import NoteLM, NoteTokenizer, TextConfig, sample_notes
 
     warnings.filterwarnings("ignore")
     seed, device = spec["seed"], spec["device"]
@@ -100,18 +114,7 @@ def one(spec: dict) -> dict:
     ids = torch.from_numpy(enc.ids[enc.present])
     sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema)
     model = NoteLM.for_tokenizer(tok, cfg).to(device)
-    m, opt, crit, dl = make_private_text(
-        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-        loader=DataLoader(TensorDataset(ids), batch_size=cfg.batch_size), noise_multiplier=sigma, max_grad_norm=1.0,
-        noise_generator=torch.Generator(device=device).manual_seed(seed))
-    losses, t, done = [], time.time(), 0
-    while done < steps:
-        for (b,) in dl:
-            losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b.to(device), private=True))
-            done += 1
-            if done >= steps:
-                break
-    train_s = time.time() - t
+    losses, train_s, q = train_private(model, cfg, ids, sigma=sigma, steps=steps, seed=seed, device=device)
     model.to("cpu").eval()
     prompts = ho.sample(min(spec["prompts"], len(ho)), random_state=0).reset_index(drop=True)
     t = time.time()
@@ -121,7 +124,7 @@ def one(spec: dict) -> dict:
     sample_s = time.time() - t
     cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
     return {"variant": spec["variant"], "seed": seed, "sigma": sigma, "steps": steps,
-            "sample_rate": 1 / math.ceil(len(ids) / cfg.batch_size), "device": device,
+            "sample_rate": q, "device": device,
             "train_seconds": round(train_s, 1), "sample_seconds": round(sample_s, 1),
             "final_loss": float(np.nanmean(losses[-max(1, steps // 8):])), "consistency": cc["consistency"],
             "ceiling": cc["ceiling"]["consistency"],
