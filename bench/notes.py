@@ -5,8 +5,9 @@ holdout 30 %. For each ε ∈ {3, 8, non-private} and seed, one subprocess train
 (WGAN record → flow vitals → note model) with secret-sharer canaries planted (``--canaries`` per repetition
 count 1/4/16, plus never-planted controls), generates ``--n-synthetic`` patients and measures
   * training time: the whole fit and the note model's phase alone (2 cores), peak memory;
-  * dpsynth.metrics.notes.note_metrics: condition consistency, note-level TSTR, distinct-n / self-BLEU,
-    TF-IDF classifier two-sample AUC, perplexity on training and holdout notes;
+  * dpsynth.metrics.notes.note_metrics: condition consistency, value consistency (do the notes' numbers follow
+    the record?), note-level TSTR, distinct-n / self-BLEU, TF-IDF classifier two-sample AUC, perplexity on
+    training and holdout notes;
   * canary exposure per repetition count (audits.text.model_exposure) against chance;
   * the gate's note checks (8-gram overlap excess, identifier replay).
 

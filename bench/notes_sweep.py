@@ -2,8 +2,9 @@
 
 Each (variant, seed) trains the note model alone as the chained fit does (``make_private_text``: Opacus ghost
 clipping, two-group clipping, Poisson sampling, condition dropout; TextConfig defaults with the variant's
-overrides), then samples notes for ``--prompts`` real holdout records (guidance w 3, α 0.1, the defaults) and
-scores them with ``dpsynth.metrics.notes.condition_consistency``. Runs go in parallel worker processes, so a
+overrides), then samples notes for ``--prompts`` real holdout records with the TextConfig's sampling settings and
+with each of ``--sampling``'s overrides (e.g. ``'[{}, {"repetition": 0}]'``: the same trained model, so the
+comparison is paired), and scores them with ``dpsynth.metrics.notes.condition_consistency``. Runs go in parallel worker processes, so a
 machine with many cores (or a GPU: ``--device cuda`` trains there, sampling stays on the CPU) sweeps in minutes.
 
 The noise of a variant (σ, steps) is that of the note model in the default chained fit at ``--epsilon``:
@@ -35,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+SAMPLING = ("temperature", "top_p", "guidance", "plausibility", "repetition")  # sample_notes' settings in TextConfig
 REFERENCE = {"sigma": 0.688, "batch_size": 256, "steps": 240}  # the ε = 8 fit's note model before the sweep
 
 
@@ -93,7 +95,9 @@ def train_private(model, cfg, ids, *, sigma: float, steps: int, seed: int, devic
     return losses, time.time() - t, 1 / len(loader)
 
 
-def one(spec: dict) -> dict:
+def one(spec: dict) -> list[dict]:
+    """Train one (variant, seed) and score the notes of each sampling setting in ``spec["sampling"]`` (overrides
+    of the TextConfig sampling defaults; every setting samples from the same trained model)."""
     import warnings
     from dataclasses import replace
 
@@ -117,28 +121,32 @@ def one(spec: dict) -> dict:
     losses, train_s, q = train_private(model, cfg, ids, sigma=sigma, steps=steps, seed=seed, device=device)
     model.to("cpu").eval()
     prompts = ho.sample(min(spec["prompts"], len(ho)), random_state=0).reset_index(drop=True)
-    t = time.time()
-    notes = sample_notes(model, tok, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
-                         generator=torch.Generator().manual_seed(1), guidance=cfg.guidance,
-                         plausibility=cfg.plausibility)
-    sample_s = time.time() - t
-    cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
-    return {"variant": spec["variant"], "seed": seed, "sigma": sigma, "steps": steps,
-            "sample_rate": q, "device": device,
-            "train_seconds": round(train_s, 1), "sample_seconds": round(sample_s, 1),
-            "final_loss": float(np.nanmean(losses[-max(1, steps // 8):])), "consistency": cc["consistency"],
-            "ceiling": cc["ceiling"]["consistency"],
-            "conditions": {c: v["balanced_accuracy"] for c, v in cc["conditions"].items()}, "example": notes[0]}
+    out = []
+    for sampling in spec.get("sampling") or [{}]:
+        kw = {k: getattr(cfg, k) for k in SAMPLING} | sampling
+        t = time.time()
+        notes = sample_notes(model, tok, prompts, generator=torch.Generator().manual_seed(1), **kw)
+        sample_s = time.time() - t
+        cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
+        out.append({"variant": spec["variant"], "sampling": sampling, "seed": seed, "sigma": sigma, "steps": steps,
+                    "sample_rate": q, "device": device,
+                    "train_seconds": round(train_s, 1), "sample_seconds": round(sample_s, 1),
+                    "final_loss": float(np.nanmean(losses[-max(1, steps // 8):])), "consistency": cc["consistency"],
+                    "ceiling": cc["ceiling"]["consistency"],
+                    "conditions": {c: v["balanced_accuracy"] for c, v in cc["conditions"].items()},
+                    "example": notes[0]})
+    return out
 
 
 def summarize(runs: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        groups.setdefault(json.dumps(r["variant"], sort_keys=True), []).append(r)
+        key = json.dumps({"variant": r["variant"], "sampling": r.get("sampling", {})}, sort_keys=True)
+        groups.setdefault(key, []).append(r)
     out = []
     for key, rs in groups.items():
         c = [r["consistency"] for r in rs]
-        out.append({"variant": json.loads(key), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.mean(c),
+        out.append({**json.loads(key), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.mean(c),
                     "min": min(c), "max": max(c), "sigma": rs[0]["sigma"], "steps": rs[0]["steps"],
                     "final_loss": statistics.mean(r["final_loss"] for r in rs),
                     "conditions": {k: statistics.mean(r["conditions"][k] for r in rs) for k in rs[0]["conditions"]}})
@@ -148,6 +156,9 @@ def summarize(runs: list[dict]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="[{}]", help="JSON list of TextConfig overrides ({} = the defaults)")
+    ap.add_argument("--sampling", default="[{}]",
+                    help="JSON list of sampling overrides (temperature, top_p, guidance, plausibility, repetition), "
+                         "each scored on the same trained model")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--sigma-rule", choices=("plan", "clt"), default="plan")
@@ -165,7 +176,8 @@ def main() -> None:
     from _common import environment, save
 
     specs = [{"variant": v, "seed": s, "device": a.device, "threads": a.threads, "prompts": a.prompts,
-              "epsilon": a.epsilon, "sigma_rule": a.sigma_rule, "data": a.data}
+              "epsilon": a.epsilon, "sigma_rule": a.sigma_rule, "data": a.data,
+              "sampling": json.loads(a.sampling)}
              for v in json.loads(a.variants) for s in a.seeds]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
     pending, running, runs, failed = list(specs), [], [], []
@@ -181,8 +193,10 @@ def main() -> None:
             out = p.stdout.read()
             res = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
             if res:
-                runs.append(json.loads(res[-1][7:]))
-                print(f"{s['variant']} seed {s['seed']}: {runs[-1]['consistency']:.3f}", file=sys.stderr, flush=True)
+                for r in json.loads(res[-1][7:]):
+                    runs.append(r)
+                    print(f"{s['variant']} {r['sampling']} seed {s['seed']}: {r['consistency']:.3f}", file=sys.stderr,
+                          flush=True)
             else:
                 failed.append({"spec": s, "returncode": p.returncode, "tail": out[-2000:]})
                 print(f"{s['variant']} seed {s['seed']}: FAILED\n{out[-2000:]}", file=sys.stderr, flush=True)

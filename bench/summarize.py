@@ -113,17 +113,17 @@ def main() -> None:
               f"real clinical text), {nb['runs'][0]['n_synthetic']} synthetic patients, {nb['canaries_per_count']} "
               f"canaries per repetition count, note model {tc if isinstance(tc, str) else ', '.join(f'{k} {v}' for k, v in tc.items())} "
               f"({nb['environment']['time_utc'][:10]}, 2 cores):\n")
-        print("| setting | note-model training s | whole fit s | condition consistency | note TSTR/TRTR | two-sample AUC | "
+        print("| setting | note-model training s | whole fit s | condition consistency | value consistency | note TSTR/TRTR | two-sample AUC | "
               "distinct-2 syn / real | self-BLEU syn / real | perplexity holdout / train | canary exposure, bits, 0× (controls) / 1× / 4× / 16× "
               f"(chance {nb['runs'][0]['canary_exposure']['chance']:.2f}; gate: lower bound of 16×) | 8-gram overlap excess |")
-        print("|---" * 11 + "|")
+        print("|---" * 12 + "|")
         order = sorted(nb["summary"], key=lambda k: (k == "non-private", float(k.split("=")[1]) if "=" in k else 0))
         for k in order:
             s_ = nb["summary"][k]
             exp = s_["canary_exposure"].get("16") or {}
             exps = " / ".join(f"{s_['canary_exposure'][c]['mean']['mean']:.2f}" for c in ("0", "1", "4", "16") if c in s_["canary_exposure"])
             print(f"| {k} | {m(s_['text_phase_seconds'], 0)} | {m(s_['fit_seconds'], 0)} | {m(s_.get('consistency'))} | "
-                  f"{m(s_.get('tstr_ratio'))} | {m(s_.get('two_sample_auc'))} | {m(s_.get('distinct_2_synthetic'))} / "
+                  f"{m(s_.get('value_consistency'))} | {m(s_.get('tstr_ratio'))} | {m(s_.get('two_sample_auc'))} | {m(s_.get('distinct_2_synthetic'))} / "
                   f"{m(s_.get('distinct_2_real'))} | {m(s_.get('self_bleu_synthetic'))} / {m(s_.get('self_bleu_real'))} | "
                   f"{m(s_.get('perplexity_holdout'), 2)} / {m(s_.get('perplexity_train'), 2)} | {exps} "
                   f"(16× lower bound {exp.get('lower_bound_max', float('nan')):.2f}) | {m(s_.get('ngram_overlap_excess'), 4)} |")
@@ -165,22 +165,26 @@ def main() -> None:
                   f"{r['final_loss']:.2f} | " + " | ".join(f"{p['consistency']:.2f} / {p['two_sample_auc']:.3f}"
                                                          for p in r["points"]) + " |")
         print(f"\n(real-note ceiling {pts0[-1]['ceiling']:.2f})\n")
-    sw = load("notes_sweep_gpu")
-    if sw:
-        def setting(v):
-            return ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in sorted(v.items()))
+    for name in ("notes_sweep_gpu", "notes_sweep_gpu2", "notes_sweep_gpu3"):
+        sw = load(name)
+        if not sw:
+            continue
 
-        print(f"**`bench/notes_sweep.py`** — the note model alone at the ε = {sw['epsilon']:g} fit's privacy loss "
+        def setting(v):
+            return ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in sorted(v.items())) or "defaults"
+
+        print(f"**`bench/notes_sweep.py`** ({name}) — the note model alone at the ε = {sw['epsilon']:g} fit's privacy loss "
               f"(σ rule {sw['sigma_rule']}), {sw['prompts']} holdout records prompted, one run per seed "
               f"({sw['environment'].get('date') or sw['environment']['time_utc'][:10]}, {sw['environment'].get('gpu', 'CPU')}); "
-              f"condition consistency mean (min) over seeds:\n")
-        print("| setting | seeds | σ | steps | consistency | final loss | cardiac arrest | MI | AF |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              f"condition consistency mean (min) over seeds" + (f" ({sw['note'].rstrip('.')})" if sw.get("note") else "") + ":\n")
+        print("| setting | sampling | seeds | σ | steps | consistency | final loss | cardiac arrest | MI | AF |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in sw["summary"]:
             c = r["conditions"]
-            print(f"| {setting(r['variant'])} | {len(r['seeds'])} | {r['sigma']:.2f} | {r['steps']} | {r['mean']:.3f} "
-                  f"({r['min']:.3f}) | {r['final_loss']:.2f} | {c.get('cardiac_arrest', float('nan')):.2f} | "
-                  f"{c.get('mi', float('nan')):.2f} | {c.get('afib', float('nan')):.2f} |")
+            print(f"| {setting(r['variant'])} | {setting(r.get('sampling') or {})} | {len(r['seeds'])} | {r['sigma']:.2f} | "
+                  f"{r['steps']} | {r['mean']:.3f} ({r['min']:.3f}) | {r['final_loss']:.2f} | "
+                  f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
+                  f"{c.get('afib', float('nan')):.2f} |")
         print()
     fd = load("demo_fed")
     if fd:

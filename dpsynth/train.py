@@ -59,7 +59,8 @@ TEXT_MECHANISM = "dp-sgd:text"
 MODELS = ("wgan", "flow", "text")
 RECORD_MODELS = ("wgan", "flow")  # the default chained patient of a schema without a text column
 CANARY_COUNTS = (1, 4, 16)  # repetition counts of the planted canaries (audits.text.COUNTS)
-LEGACY_TEXT_PATHS = ("cond_vocab", "cond_clip_share", "cond_sparse")  # TextConfig options absent from note models saved before them (off)
+# TextConfig options absent from note models saved before them, and the value those models were trained with
+LEGACY_TEXT_PATHS = {"cond_vocab": False, "cond_clip_share": 0.0, "cond_sparse": False, "cond_rows": "asserting"}
 CANARY_WARNING = ("planted secret-sharer canaries: keep inside the model directory for the memorisation audit; "
                   "never release this file")
 BUDGET_SPLIT_RULE = (
@@ -144,8 +145,8 @@ class TrainConfig:
         f = dict(d.pop("flow", {}))
         t = dict(d.pop("text", {}))  # model directories written before the note model existed: defaults
         if t:  # note models saved before a TextConfig path existed lack its weights: load them without it
-            for k in LEGACY_TEXT_PATHS:
-                t.setdefault(k, False)
+            for k, v in LEGACY_TEXT_PATHS.items():
+                t.setdefault(k, v)
         d.setdefault("models", ["wgan"])  # model directories written before the flow existed
         return cls(**d, wgan=WGANConfig(**w), flow=FlowConfig(**f), text=TextConfig(**t))
 

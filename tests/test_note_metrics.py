@@ -21,6 +21,7 @@ from dpsynth.metrics.notes import (
     note_metrics,
     note_tstr,
     two_sample_test,
+    value_consistency,
 )
 from dpsynth.metrics.report import render_html
 from dpsynth.metrics.utility import evaluate, notes_section
@@ -66,6 +67,23 @@ def test_real_notes_are_consistent_and_indistinguishable(parts, nschema):
     t = two_sample_test(hold["note"], good["note"], seed=0)
     assert t["n"] == {"real": 800, "synthetic": 800} and len(t["fold_aucs"]) == 5
     assert t["ci"][0] <= 0.5 <= t["ci"][1] and abs(t["auc"] - 0.5) < 0.06
+
+
+def test_value_consistency_reads_the_records_numbers_off_the_notes(parts, shuffled, nschema):
+    """The continuous columns' analogue of condition consistency: a note with its own record's numbers scores like
+    the held-out real notes; notes of other patients score at chance; a value the notes never state (follow-up
+    time) is skipped; a record missing a value is left out of that column's score."""
+    real, hold, good = parts
+    v = value_consistency(real, good, nschema, real_holdout=hold, seed=0)
+    json.dumps(v)
+    assert {"age", "bmi", "weight"} <= set(v["columns"]) and "not expressed" in v["skipped"]["futime"]
+    assert v["consistency"] >= 0.8 and abs(v["consistency"] - v["ceiling"]["consistency"]) < 0.05
+    bad = value_consistency(real, shuffled, nschema, real_holdout=hold, seed=0)
+    assert bad["consistency"] < 0.6 and bad["ceiling"]["consistency"] == pytest.approx(v["ceiling"]["consistency"])
+    gaps = good.copy()
+    gaps.loc[: len(gaps) // 2, "bmi"] = np.nan
+    g = value_consistency(real, gaps, nschema, real_holdout=hold, seed=0)
+    assert g["columns"]["bmi"]["n"] == int(gaps["bmi"].notna().sum()) < v["columns"]["bmi"]["n"]
 
 
 def test_notes_detached_from_their_records_score_at_chance(parts, shuffled, nschema):

@@ -418,20 +418,30 @@ def test_flat_clipping_when_the_path_share_is_zero(tok, train_df, notes):
     assert _moved(path, b_path) == pytest.approx(C * g_path / math.hypot(g_lm, g_path), rel=1e-3)
 
 
-def test_row_sparse_path_reads_only_tokens_that_assert_something(tok, train_df, notes):
-    """cond_sparse: no row for a missing value or a binary "0" (from the schema alone); such rows never reach a
-    logit and get no gradient under DP-SGD (σ = 0), while the rows of present values learn. Off: every row."""
-    rows = tok.path_rows()
+@pytest.mark.parametrize("which", ["binary", "asserting"])
+def test_row_sparse_path_reads_only_tokens_that_assert_something(tok, train_df, notes, which):
+    """cond_sparse: rows only for what a record asserts (from the schema alone): with cond_rows "asserting" (the
+    default) every band, category and binary "1", never a missing value or a binary "0"; with "binary" only a
+    binary column's "1". Other rows never reach a logit and get no gradient under DP-SGD (σ = 0), while the rows of
+    present values learn. Off: every row."""
+    rows = tok.path_rows(which)
     assert len(rows) == tok.word_offset - FIRST_COND and 0 < sum(rows) < len(rows)
     for c in tok.columns:
         assert not rows[tok.condition_token(c.name, None) - FIRST_COND]
+        first = tok.offsets[tok.columns.index(c)] - FIRST_COND
+        own = rows[first : first + len(c.values)]
         if c.kind == "binary":
             assert not rows[tok.condition_token(c.name, 0) - FIRST_COND] and rows[tok.condition_token(c.name, 1) - FIRST_COND]
+        else:  # bands and categories: a row each for "asserting", none for "binary"
+            assert sum(own) == (len(c.values) - 1 if which == "asserting" else 0)
+    with pytest.raises(ValueError, match="cond_rows"):
+        replace(SMALL, cond_rows="all")
     torch.manual_seed(9)
     ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
     dense = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, cond_sparse=False))
-    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0))
-    assert SMALL.cond_sparse and dense.cond_keep is None and m.cond_keep.tolist() == rows
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, cond_rows=which))
+    assert SMALL.cond_sparse and SMALL.cond_rows == "asserting" and tok.path_rows() == tok.path_rows("asserting")
+    assert dense.cond_keep is None and m.cond_keep.tolist() == rows
     with torch.no_grad():
         for x in (m, dense):
             x.cond_out.weight.normal_(0, 0.5)
@@ -499,6 +509,45 @@ def test_sampling_with_cache_equals_greedy_decoding_without_cache(tok, train_df)
     a = sample_notes(m, tok, rows, generator=torch.Generator().manual_seed(1), top_p=0.9, max_new=30)
     b = sample_notes(m, tok, rows, generator=torch.Generator().manual_seed(1), top_p=0.9, max_new=30)
     assert a == b and len(a) == 3 and all(len(x) <= 30 for x in a)  # ≤ 30 bytes, each at most one character
+
+
+def test_repetition_penalty_lowers_a_word_piece_by_lambda_per_earlier_use(tok, train_df):
+    """TextConfig.repetition λ: at each step a word piece's logit is lowered by λ × the number of times the note
+    already holds it; bytes and EOS are never penalised. A model whose logits are a fixed bias spells it out; a
+    random model matches a reference greedy decoder without cache."""
+    wtok = NoteTokenizer(tok.columns, max_len=96, words=[" alpha", " beta"])
+    alpha, beta = wtok.word_ids[" alpha"], wtok.word_ids[" beta"]
+    m = NoteLM.for_tokenizer(wtok, SMALL)
+    rows = train_df.iloc[:2]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.head.bias[alpha], m.head.bias[beta], m.head.bias[ord("x")], m.head.bias[EOS] = 10.0, 7.0, 7.5, 4.0
+    greedy = {lam: sample_notes(m, wtok, rows, temperature=0.0, max_new=6, repetition=lam)[0] for lam in (0.0, 1.0, 2.0)}
+    assert greedy == {0.0: " alpha" * 6, 1.0: " alpha" * 3 + "xxx", 2.0: " alpha alpha" + "xxxx"}
+    assert TextConfig().repetition > 0 and sample_notes(m, wtok, rows, temperature=0.0, max_new=6)[0] == greedy[
+        TextConfig().repetition]  # None: the model's TextConfig.repetition
+    torch.manual_seed(6)
+    r = NoteLM.for_tokenizer(wtok, SMALL)
+    with torch.no_grad():  # a random model that likes the two word pieces
+        r.head.bias.normal_(0, 1.0)
+        r.head.bias[[alpha, beta]] += 3.0
+    lam = 1.5
+    cond = torch.as_tensor(wtok.encode_condition(rows))
+    seq = torch.cat([torch.full((2, 1), BOS), cond, torch.full((2, 1), SEP)], dim=1)
+    allowed = torch.full((wtok.vocab_size,), float("-inf"))
+    allowed[wtok.generable()] = 0
+    with torch.no_grad():
+        for _ in range(16):
+            note = seq[:, wtok.prefix_len :]
+            seen = torch.stack([(note == w).sum(1) for w in range(wtok.vocab_size)], dim=1).float()
+            seen[:, : wtok.word_offset] = 0  # bytes, specials and condition tokens: no penalty
+            nxt = (r.logits(seq)[:, -1] - lam * seen + allowed).argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    got = sample_notes(r, wtok, rows, temperature=0.0, max_new=16, repetition=lam)
+    ids = seq[:, wtok.prefix_len :].tolist()
+    assert got == [wtok.decode(x) for x in ids]  # decode stops at the first EOS, as sampling does
+    assert got != sample_notes(r, wtok, rows, temperature=0.0, max_new=16, repetition=0.0)
 
 
 def test_guided_sampling_follows_u_plus_w_times_c_minus_u(tok, train_df):

@@ -170,6 +170,13 @@ def test_the_default_patient_has_a_note_exactly_when_the_schema_has_a_text_colum
     older = TrainConfig().to_json()
     older["text"].pop("cond_sparse")
     assert TextConfig().cond_sparse and not TrainConfig.from_json(older).text.cond_sparse
+    # … and one trained before the choice of rows kept a row for every band and category
+    older = TrainConfig(text=TextConfig(cond_rows="binary")).to_json()
+    older["text"].pop("cond_rows")
+    assert TrainConfig.from_json(older).text.cond_rows == "asserting"
+    # the repetition penalty only changes sampling: an older model takes today's default
+    older["text"].pop("repetition")
+    assert TrainConfig.from_json(older).text.repetition == TextConfig().repetition
     assert TrainConfig.from_json(TrainConfig().to_json()).text == TextConfig()
 
 

@@ -7,6 +7,8 @@ record it was prompted with. The metrics below ask four questions:
     classifier is trained on REAL notes to read each binary condition off the text, then applied to the
     synthetic notes and compared with the synthetic rows' prompted values. The same classifier on held-out
     real notes is the ceiling (what a perfect note generator would score).
+  * ``value_consistency`` — the same question for the record's numbers: each continuous column split at its real
+    median, read off the note by a real-trained classifier, compared with the prompted record's value.
   * ``note_tstr`` — can a model trained on synthetic notes read conditions off real notes (train on
     synthetic, test on real) as well as one trained on real notes (train on real, test on real)?
   * ``diversity`` — distinct-n and self-BLEU-4 of a list of notes (mode collapse, copying).
@@ -43,6 +45,7 @@ __all__ = [
     "note_metrics",
     "note_tstr",
     "two_sample_test",
+    "value_consistency",
 ]
 
 MIN_NOTES = 20  # fewer usable notes in a frame: an error naming the frame
@@ -192,6 +195,66 @@ def _mean(vals) -> float | None:
 # 1. condition consistency
 # ------------------------------------------------------------------------------------------------
 
+def _consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, col: str, targets: dict, *, seed: int,
+                 real_holdout: pd.DataFrame | None, max_notes: int | None) -> tuple[dict, dict, dict, dict]:
+    """The machinery of ``condition_consistency`` and ``value_consistency``: one real-trained TF-IDF classifier per
+    target (name → function of a frame giving 0/1 labels, or −1 where the target is unknown: such rows are left
+    out of training and scoring), scored on the synthetic notes against their prompted labels and on held-out real
+    notes (the ceiling). Returns (per target, skipped targets with the reason, ceiling, extra figures)."""
+    rng = np.random.default_rng(seed)
+    real, ex_r = _frame_notes(real_train, col, "real_train")
+    syn, ex_s = _frame_notes(synthetic, col, "synthetic")
+    excluded = {"real_train": ex_r, "synthetic": ex_s}
+    real, syn = _cap(real, max_notes, rng), _cap(syn, max_notes, rng)
+    if real_holdout is not None:
+        test, ex_h = _frame_notes(real_holdout, col, "real_holdout")
+        excluded["real_holdout"] = ex_h
+        test = _cap(test, max_notes, rng)
+        train, ceiling_on = real, "real_holdout"
+    else:
+        perm = rng.permutation(len(real))
+        k = max(1, len(real) // 4)
+        test, train = real.iloc[np.sort(perm[:k])], real.iloc[np.sort(perm[k:])]
+        ceiling_on = "25 % of real_train held out (the classifier is trained on the other 75 %)"
+    vec = _vectorizer()
+    x_tr = vec.fit_transform(train[col].tolist())
+    x_te, x_syn = vec.transform(test[col].tolist()), vec.transform(syn[col].tolist())
+
+    per, skipped = {}, {}
+    for c, labels in targets.items():
+        y = labels(train)
+        known = y >= 0
+        npos, nneg = int((y == 1).sum()), int((y == 0).sum())
+        if npos < MIN_CLASS or nneg < MIN_CLASS:
+            skipped[c] = f"{npos} positives and {nneg} negatives in the real training notes (need ≥ {MIN_CLASS} each)"
+            continue
+        clf = _logreg(seed).fit(x_tr[known], y[known])
+        y_te, y_syn = labels(test), labels(syn)
+        ceil = _scores(y_te[y_te >= 0], clf.predict_proba(x_te[y_te >= 0])[:, 1])
+        if ceil["auc"] is None or ceil["auc"] < MIN_EXPRESSED_AUC:
+            skipped[c] = (f"not expressed in the real notes: held-out real AUC "
+                          f"{'n/a (one class)' if ceil['auc'] is None else format(ceil['auc'], '.3f')} "
+                          f"< {MIN_EXPRESSED_AUC}")
+            continue
+        if not (y_syn >= 0).any():
+            skipped[c] = "unknown in every synthetic record"
+            continue
+        sc = _scores(y_syn[y_syn >= 0], clf.predict_proba(x_syn[y_syn >= 0])[:, 1])
+        sc["ceiling"] = ceil
+        per[c] = sc
+
+    def macro(key, src):
+        return _mean([src(e)[key] for e in per.values()])
+
+    ceiling = {"consistency": macro("balanced_accuracy", lambda e: e["ceiling"]),
+               "accuracy_macro": macro("accuracy", lambda e: e["ceiling"]),
+               "auc_macro": macro("auc", lambda e: e["ceiling"]), "on": ceiling_on, "n": len(test)}
+    extra = {"consistency": macro("balanced_accuracy", lambda e: e), "accuracy_macro": macro("accuracy", lambda e: e),
+             "auc_macro": macro("auc", lambda e: e), "n": {"real_train": len(train), "synthetic": len(syn)},
+             "excluded_notes": excluded}
+    return per, skipped, ceiling, extra
+
+
 @_one_thread
 def condition_consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
                           note_col: str | None = None, conditions: Sequence[str] | None = None, seed: int = 0,
@@ -214,63 +277,62 @@ def condition_consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, sch
     information about their records, 1 = perfectly consistent; compare with ``ceiling.consistency``.
     """
     col = text_column_of(schema, note_col)
-    conds = _conditions(schema, conditions)
-    rng = np.random.default_rng(seed)
-    real, ex_r = _frame_notes(real_train, col, "real_train")
-    syn, ex_s = _frame_notes(synthetic, col, "synthetic")
-    excluded = {"real_train": ex_r, "synthetic": ex_s}
-    real, syn = _cap(real, max_notes, rng), _cap(syn, max_notes, rng)
-    if real_holdout is not None:
-        test, ex_h = _frame_notes(real_holdout, col, "real_holdout")
-        excluded["real_holdout"] = ex_h
-        test = _cap(test, max_notes, rng)
-        train, ceiling_on = real, "real_holdout"
-    else:
-        perm = rng.permutation(len(real))
-        k = max(1, len(real) // 4)
-        test, train = real.iloc[np.sort(perm[:k])], real.iloc[np.sort(perm[k:])]
-        ceiling_on = "25 % of real_train held out (the classifier is trained on the other 75 %)"
-    vec = _vectorizer()
-    x_tr = vec.fit_transform(train[col].tolist())
-    x_te, x_syn = vec.transform(test[col].tolist()), vec.transform(syn[col].tolist())
-
-    per, skipped = {}, {}
-    for c in conds:
-        y = _labels(train, c)
-        npos, nneg = int(y.sum()), int(len(y) - y.sum())
-        if npos < MIN_CLASS or nneg < MIN_CLASS:
-            skipped[c] = f"{npos} positives and {nneg} negatives in the real training notes (need ≥ {MIN_CLASS} each)"
-            continue
-        clf = _logreg(seed).fit(x_tr, y)
-        ceil = _scores(_labels(test, c), clf.predict_proba(x_te)[:, 1])
-        if ceil["auc"] is None or ceil["auc"] < MIN_EXPRESSED_AUC:
-            skipped[c] = (f"not expressed in the real notes: held-out real AUC "
-                          f"{'n/a (one class)' if ceil['auc'] is None else format(ceil['auc'], '.3f')} "
-                          f"< {MIN_EXPRESSED_AUC}")
-            continue
-        s = _scores(_labels(syn, c), clf.predict_proba(x_syn)[:, 1])
-        s["ceiling"] = ceil
-        per[c] = s
-
-    def macro(key, src):
-        return _mean([src(e)[key] for e in per.values()])
-
-    ceiling = {"consistency": macro("balanced_accuracy", lambda e: e["ceiling"]),
-               "accuracy_macro": macro("accuracy", lambda e: e["ceiling"]),
-               "auc_macro": macro("auc", lambda e: e["ceiling"]), "on": ceiling_on, "n": len(test)}
+    targets = {c: (lambda f, c=c: _labels(f, c)) for c in _conditions(schema, conditions)}
+    per, skipped, ceiling, extra = _consistency(real_train, synthetic, col, targets, seed=seed,
+                                                real_holdout=real_holdout, max_notes=max_notes)
     return {
         "description": "TF-IDF (word 1-2 + char 2-4 grams) logistic regression trained on real notes -> each binary "
                        "condition, applied to synthetic notes and compared with their prompted records; "
                        "consistency = macro balanced accuracy (0.5: no information, 1: consistent)",
         "note_column": col,
-        "consistency": macro("balanced_accuracy", lambda e: e),
-        "accuracy_macro": macro("accuracy", lambda e: e),
-        "auc_macro": macro("auc", lambda e: e),
+        "consistency": extra["consistency"],
+        "accuracy_macro": extra["accuracy_macro"],
+        "auc_macro": extra["auc_macro"],
         "ceiling": ceiling,
         "conditions": per,
         "skipped": skipped,
-        "n": {"real_train": len(train), "synthetic": len(syn)},
-        "excluded_notes": excluded,
+        "n": extra["n"],
+        "excluded_notes": extra["excluded_notes"],
+    }
+
+
+@_one_thread
+def value_consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, *,
+                      note_col: str | None = None, seed: int = 0, real_holdout: pd.DataFrame | None = None,
+                      max_notes: int | None = MAX_NOTES) -> dict:
+    """Do the synthetic notes' numbers follow their records? ``condition_consistency`` for the continuous columns:
+    each is split at its median among the real training notes' records (above vs not), a real-trained TF-IDF
+    classifier reads that from the note, and its reading of each synthetic note is compared with the prompted
+    record's value. Records missing the value are left out. A column the real notes do not state (ceiling AUC <
+    ``MIN_EXPRESSED_AUC``: e.g. a follow-up time a baseline note cannot know) is skipped with its reason. Headline
+    ``consistency`` = macro balanced accuracy (0.5: the note's numbers say nothing of the record's)."""
+    col = text_column_of(schema, note_col)
+    real, _ = _frame_notes(real_train, col, "real_train")
+    targets = {}
+    for c in schema.of_kind("continuous"):
+        vals = pd.to_numeric(real[c.name], errors="coerce") if c.name in real.columns else pd.Series(dtype=float)
+        if vals.notna().sum() == 0:
+            continue
+        cut = float(vals.median())
+
+        def labels(f, name=c.name, cut=cut):
+            v = pd.to_numeric(f[name], errors="coerce").to_numpy(dtype=float) if name in f.columns else np.full(len(f), np.nan)
+            return np.where(np.isnan(v), -1, (v > cut).astype(int))
+
+        targets[c.name] = labels
+    per, skipped, ceiling, extra = _consistency(real_train, synthetic, col, targets, seed=seed,
+                                                real_holdout=real_holdout, max_notes=max_notes)
+    return {
+        "description": "TF-IDF (word 1-2 + char 2-4 grams) logistic regression trained on real notes -> each "
+                       "continuous value above its real median, applied to synthetic notes and compared with their "
+                       "prompted records; consistency = macro balanced accuracy (0.5: no information, 1: consistent)",
+        "note_column": col,
+        "consistency": extra["consistency"],
+        "auc_macro": extra["auc_macro"],
+        "ceiling": ceiling,
+        "columns": per,
+        "skipped": skipped,
+        "n": extra["n"],
     }
 
 
@@ -514,6 +576,8 @@ def note_metrics(real_train: pd.DataFrame, real_holdout: pd.DataFrame, synthetic
       consistency            macro balanced accuracy of real-trained condition classifiers on the synthetic notes
                              vs their prompted records (0.5 none … 1); ``consistency_ceiling``: the same on real
                              holdout notes
+      value_consistency      the same for the continuous columns, each split at its real median (do the notes'
+                             numbers follow the record?), with its ceiling ``value_consistency_ceiling``
       tstr_ratio             macro AUC on real holdout notes, trained on synthetic / trained on real notes
       two_sample_auc         real holdout vs synthetic notes, cross-validated (0.5: indistinguishable)
       distinct_2_*           distinct bigram share, synthetic / real training notes (same sample size)
@@ -526,6 +590,7 @@ def note_metrics(real_train: pd.DataFrame, real_holdout: pd.DataFrame, synthetic
     col = text_column_of(schema, note_col)
     cons = condition_consistency(real_train, synthetic, schema, note_col=col, conditions=conditions, seed=seed,
                                  real_holdout=real_holdout)
+    vals = value_consistency(real_train, synthetic, schema, note_col=col, seed=seed, real_holdout=real_holdout)
     ts = note_tstr(real_train, synthetic, real_holdout, schema, note_col=col, conditions=conditions, seed=seed)
     syn_notes = synthetic[col].tolist()
     real_notes = real_train[col].tolist()
@@ -538,6 +603,7 @@ def note_metrics(real_train: pd.DataFrame, real_holdout: pd.DataFrame, synthetic
         "label": schema[col].description or None,
         "rows": {"real_train": len(real_train), "real_holdout": len(real_holdout), "synthetic": len(synthetic)},
         "consistency": cons,
+        "value_consistency": vals,
         "tstr": ts,
         "diversity": div,
         "two_sample": two,
@@ -545,6 +611,8 @@ def note_metrics(real_train: pd.DataFrame, real_holdout: pd.DataFrame, synthetic
     summary = {
         "consistency": cons["consistency"],
         "consistency_ceiling": cons["ceiling"]["consistency"],
+        "value_consistency": vals["consistency"],
+        "value_consistency_ceiling": vals["ceiling"]["consistency"],
         "tstr_ratio": ts["ratio"],
         "two_sample_auc": two["auc"],
         "distinct_2_synthetic": div["synthetic"]["distinct_2"],

@@ -189,6 +189,9 @@ _NOTE_SUMMARY = (  # key, label, what it means (no per-record content: only aggr
                                               "to each synthetic note vs its own prompted record (0.5: no "
                                               "information, 1: consistent)")),
     ("consistency_ceiling", "consistency ceiling", "the same classifiers on real holdout notes vs their records"),
+    ("value_consistency", "value consistency", ("the same for the record's numbers: each continuous column above or "
+                                                "below its real median, read off the note")),
+    ("value_consistency_ceiling", "value consistency ceiling", "the same classifiers on real holdout notes"),
     ("tstr_ratio", "note TSTR / TRTR", "macro AUC on real holdout notes: trained on synthetic / trained on real notes"),
     ("two_sample_auc", "two-sample AUC", ("real holdout vs synthetic notes told apart by a classifier "
                                           "(0.5: indistinguishable, 1: separable)")),
