@@ -103,13 +103,16 @@ def main() -> None:
               f" | {f(ref['mean_ks'])} | {f(ref['bmi_raw']['violation_rate'])} | {f(ref['bmi_raw']['mean_rel_error'], 4)} | — |")
         t = v.get("targets_at_eps3") or {}
         print("\nTargets at ε = 3: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
-    nb = load("notes")
-    if nb:
+    for name in ("notes", "notes_eps8_seeds123"):
+        nb = load(name)
+        if not nb:
+            continue
+
         def m(x, d=3):
             return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
 
         tc = nb["text_config"]
-        print(f"**`bench/notes.py`** — notes of the chained patient on the demo cohort (rendered demonstration notes, not "
+        print(f"**`bench/notes.py`**{'' if name == 'notes' else f' ({name})'} — notes of the chained patient on the demo cohort (rendered demonstration notes, not "
               f"real clinical text), {nb['runs'][0]['n_synthetic']} synthetic patients, {nb['canaries_per_count']} "
               f"canaries per repetition count, note model {tc if isinstance(tc, str) else ', '.join(f'{k} {v}' for k, v in tc.items())} "
               f"({nb['environment']['time_utc'][:10]}, 2 cores):\n")
@@ -128,7 +131,8 @@ def main() -> None:
                   f"{m(s_.get('perplexity_holdout'), 2)} / {m(s_.get('perplexity_train'), 2)} | {exps} "
                   f"(16× lower bound {exp.get('lower_bound_max', float('nan')):.2f}) | {m(s_.get('ngram_overlap_excess'), 4)} |")
         t = nb.get("targets_at_eps8") or {}
-        print("\nTargets at ε = 8: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
+        print("\nTargets at ε = 8: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + "."
+              + (f" {nb['note']}" if nb.get("note") else "") + "\n")
     ns = load("notes_steps")
     if ns:
         pts = "; ".join(f"{p['epochs']} epochs ({p['steps']} steps, {p['train_seconds']:.0f} s): {p['consistency']:.2f}"
@@ -181,7 +185,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in sw["summary"]:
             c = r["conditions"]
-            print(f"| {setting(r['variant'])} | {setting(r.get('sampling') or {})} | {len(r['seeds'])} | {r['sigma']:.2f} | "
+            print(f"| {setting(r['variant'])} | {setting(r['sampling']) if r.get('sampling') else 'TextConfig of the time'} | {len(r['seeds'])} | {r['sigma']:.2f} | "
                   f"{r['steps']} | {r['mean']:.3f} ({r['min']:.3f}) | {r['final_loss']:.2f} | "
                   f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
                   f"{c.get('afib', float('nan')):.2f} |")
