@@ -190,8 +190,10 @@ def main() -> None:
                   f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
                   f"{c.get('afib', float('nan')):.2f} |")
         print()
-    fd = load("demo_fed")
-    if fd:
+    for name in ("demo_fed", "demo_fed_notes"):
+        fd = load(name)
+        if not fd:
+            continue
         eps = ", ".join(f"{k} {v:.2f}" for k, v in fd["site_epsilon"].items())
         rc = fd.get("run_config") or {}
         extra = ""
@@ -199,15 +201,27 @@ def main() -> None:
             extra += f"; {rc.get('rounds')} rounds × {rc.get('local-epochs')} local epochs"
             if rc.get("budget-shares"):
                 extra += f", budget shares {rc['budget-shares']}"
+        if fd.get("run_config_extra"):
+            extra += f"; run config {fd['run_config_extra']}"
         if fd.get("site_sigma"):
             extra += "; WGAN σ " + ", ".join(f"{k} {v:.2f}" for k, v in fd["site_sigma"].items())
         if fd.get("site_tstr_trtr_auroc"):
             extra += ("; TSTR/TRTR AUROC at the sites " + ", ".join(f"{k} {v:.2f}" for k, v in fd["site_tstr_trtr_auroc"].items())
                       + " (a short demo run, not the utility benchmark: see `bench/federated_vs_central.py`)")
-        print(f"**`bench/demo_fed.py`** — `make demo` after set-up: {fd['wall_seconds']:.0f} s wall, one run "
-              f"({fd['environment']['time_utc'][:10]}; target ≤ 300 s: {'met' if fd['meets_target'] else 'NOT met'}; "
-              f"stretch ≤ 120 s: {'met' if fd['wall_seconds'] <= 120 else 'not met'}){extra}; site ε {eps}; "
-              f"consortium ε {fd['consortium_epsilon']:.2f}; gate {fd['verdict']}.\n")
+        if fd.get("release_note_consistency") is not None:
+            cond = fd["release_note_conditions"]
+            extra += (f"; released notes ({fd['release_notes']}): condition consistency "
+                      f"{fd['release_note_consistency']:.3f}, value consistency {fd['release_note_value_consistency']:.3f} "
+                      f"(HTN {cond.get('htn', float('nan')):.2f}, diabetes {cond.get('diabetes', float('nan')):.2f}, "
+                      f"AF {cond.get('afib', float('nan')):.2f})")
+        target = ("" if fd["meets_target"] is None else
+                  f"; target ≤ 300 s: {'met' if fd['meets_target'] else 'NOT met'}; "
+                  f"stretch ≤ 120 s: {'met' if fd['wall_seconds'] <= 120 else 'not met'}")
+        what = "`make demo` after set-up" if name == "demo_fed" else "the federated demo with a larger note model"
+        print(f"**`bench/demo_fed.py`**{'' if name == 'demo_fed' else f' ({name})'} — {what}: {fd['wall_seconds']:.0f} s "
+              f"wall, one run ({fd['environment']['time_utc'][:10]}{target}){extra}; site ε {eps}; "
+              f"consortium ε {fd['consortium_epsilon']:.2f}; gate {fd['verdict']}." + (f" {fd['note']}" if fd.get("note") else "")
+              + "\n")
     fc = load("federated_vs_central")
     if fc:
         f_, c_ = fc["mean"]["federated"], fc["mean"]["central"]

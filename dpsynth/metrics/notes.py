@@ -196,11 +196,12 @@ def _mean(vals) -> float | None:
 # ------------------------------------------------------------------------------------------------
 
 def _consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, col: str, targets: dict, *, seed: int,
-                 real_holdout: pd.DataFrame | None, max_notes: int | None) -> tuple[dict, dict, dict, dict]:
+                 real_holdout: pd.DataFrame | None, max_notes: int | None, description: str, per_key: str) -> dict:
     """The machinery of ``condition_consistency`` and ``value_consistency``: one real-trained TF-IDF classifier per
     target (name → function of a frame giving 0/1 labels, or −1 where the target is unknown: such rows are left
     out of training and scoring), scored on the synthetic notes against their prompted labels and on held-out real
-    notes (the ceiling). Returns (per target, skipped targets with the reason, ceiling, extra figures)."""
+    notes (the ceiling). The per-target scores go under ``per_key``, skipped targets with the reason under
+    ``skipped``."""
     rng = np.random.default_rng(seed)
     real, ex_r = _frame_notes(real_train, col, "real_train")
     syn, ex_s = _frame_notes(synthetic, col, "synthetic")
@@ -249,10 +250,18 @@ def _consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, col: str, ta
     ceiling = {"consistency": macro("balanced_accuracy", lambda e: e["ceiling"]),
                "accuracy_macro": macro("accuracy", lambda e: e["ceiling"]),
                "auc_macro": macro("auc", lambda e: e["ceiling"]), "on": ceiling_on, "n": len(test)}
-    extra = {"consistency": macro("balanced_accuracy", lambda e: e), "accuracy_macro": macro("accuracy", lambda e: e),
-             "auc_macro": macro("auc", lambda e: e), "n": {"real_train": len(train), "synthetic": len(syn)},
-             "excluded_notes": excluded}
-    return per, skipped, ceiling, extra
+    return {
+        "description": description,
+        "note_column": col,
+        "consistency": macro("balanced_accuracy", lambda e: e),
+        "accuracy_macro": macro("accuracy", lambda e: e),
+        "auc_macro": macro("auc", lambda e: e),
+        "ceiling": ceiling,
+        per_key: per,
+        "skipped": skipped,
+        "n": {"real_train": len(train), "synthetic": len(syn)},
+        "excluded_notes": excluded,
+    }
 
 
 @_one_thread
@@ -278,22 +287,11 @@ def condition_consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, sch
     """
     col = text_column_of(schema, note_col)
     targets = {c: (lambda f, c=c: _labels(f, c)) for c in _conditions(schema, conditions)}
-    per, skipped, ceiling, extra = _consistency(real_train, synthetic, col, targets, seed=seed,
-                                                real_holdout=real_holdout, max_notes=max_notes)
-    return {
-        "description": "TF-IDF (word 1-2 + char 2-4 grams) logistic regression trained on real notes -> each binary "
-                       "condition, applied to synthetic notes and compared with their prompted records; "
-                       "consistency = macro balanced accuracy (0.5: no information, 1: consistent)",
-        "note_column": col,
-        "consistency": extra["consistency"],
-        "accuracy_macro": extra["accuracy_macro"],
-        "auc_macro": extra["auc_macro"],
-        "ceiling": ceiling,
-        "conditions": per,
-        "skipped": skipped,
-        "n": extra["n"],
-        "excluded_notes": extra["excluded_notes"],
-    }
+    return _consistency(real_train, synthetic, col, targets, seed=seed, real_holdout=real_holdout, max_notes=max_notes,
+                        per_key="conditions",
+                        description="TF-IDF (word 1-2 + char 2-4 grams) logistic regression trained on real notes -> "
+                                    "each binary condition, applied to synthetic notes and compared with their prompted "
+                                    "records; consistency = macro balanced accuracy (0.5: no information, 1: consistent)")
 
 
 @_one_thread
@@ -320,20 +318,12 @@ def value_consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, schema:
             return np.where(np.isnan(v), -1, (v > cut).astype(int))
 
         targets[c.name] = labels
-    per, skipped, ceiling, extra = _consistency(real_train, synthetic, col, targets, seed=seed,
-                                                real_holdout=real_holdout, max_notes=max_notes)
-    return {
-        "description": "TF-IDF (word 1-2 + char 2-4 grams) logistic regression trained on real notes -> each "
-                       "continuous value above its real median, applied to synthetic notes and compared with their "
-                       "prompted records; consistency = macro balanced accuracy (0.5: no information, 1: consistent)",
-        "note_column": col,
-        "consistency": extra["consistency"],
-        "auc_macro": extra["auc_macro"],
-        "ceiling": ceiling,
-        "columns": per,
-        "skipped": skipped,
-        "n": extra["n"],
-    }
+    return _consistency(real_train, synthetic, col, targets, seed=seed, real_holdout=real_holdout, max_notes=max_notes,
+                        per_key="columns",
+                        description="TF-IDF (word 1-2 + char 2-4 grams) logistic regression trained on real notes -> "
+                                    "each continuous value above its real median, applied to synthetic notes and "
+                                    "compared with their prompted records; consistency = macro balanced accuracy (0.5: "
+                                    "no information, 1: consistent)")
 
 
 # ------------------------------------------------------------------------------------------------
