@@ -190,7 +190,7 @@ def main() -> None:
                   f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
                   f"{c.get('afib', float('nan')):.2f} |")
         print()
-    for name in ("demo_fed", "demo_fed_notes"):
+    for name in ("demo_fed", "demo_fed_notes", "demo_fed_notes_share"):
         fd = load(name)
         if not fd:
             continue
