@@ -103,7 +103,7 @@ def main() -> None:
               f" | {f(ref['mean_ks'])} | {f(ref['bmi_raw']['violation_rate'])} | {f(ref['bmi_raw']['mean_rel_error'], 4)} | — |")
         t = v.get("targets_at_eps3") or {}
         print("\nTargets at ε = 3: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
-    for name in ("notes", "notes_eps8_seeds123"):
+    for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4"):
         nb = load(name)
         if not nb:
             continue
