@@ -32,9 +32,11 @@ def release_notes(out: Path) -> dict:
     from dpsynth.schema import Schema, validate_frame
 
     rel = out / "run" / "release"
-    if not (rel / "synthetic.csv").exists() or not Schema.load(rel / "schema.json").of_kind("text"):
+    if not (rel / "synthetic.csv").exists():
         return {}
     schema = Schema.load(rel / "schema.json")
+    if not schema.of_kind("text"):
+        return {}
     real, hold, syn = (validate_frame(pd.read_csv(f), schema, f.name) for f in
                        (out / "data" / "train.csv", out / "data" / "holdout.csv", rel / "synthetic.csv"))
     c = condition_consistency(real, syn, schema, real_holdout=hold)

@@ -103,14 +103,13 @@ def main() -> None:
               f" | {f(ref['mean_ks'])} | {f(ref['bmi_raw']['violation_rate'])} | {f(ref['bmi_raw']['mean_rel_error'], 4)} | — |")
         t = v.get("targets_at_eps3") or {}
         print("\nTargets at ε = 3: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + ".\n")
+    def m(x, d=3):
+        return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
+
     for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4"):
         nb = load(name)
         if not nb:
             continue
-
-        def m(x, d=3):
-            return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
-
         tc = nb["text_config"]
         print(f"**`bench/notes.py`**{'' if name == 'notes' else f' ({name})'} — notes of the chained patient on the demo cohort (rendered demonstration notes, not "
               f"real clinical text), {nb['runs'][0]['n_synthetic']} synthetic patients, {nb['canaries_per_count']} "
@@ -169,14 +168,13 @@ def main() -> None:
                   f"{r['final_loss']:.2f} | " + " | ".join(f"{p['consistency']:.2f} / {p['two_sample_auc']:.3f}"
                                                          for p in r["points"]) + " |")
         print(f"\n(real-note ceiling {pts0[-1]['ceiling']:.2f})\n")
+    def setting(v):
+        return ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in sorted(v.items())) or "defaults"
+
     for name in ("notes_sweep_gpu", "notes_sweep_gpu2", "notes_sweep_gpu3"):
         sw = load(name)
         if not sw:
             continue
-
-        def setting(v):
-            return ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in sorted(v.items())) or "defaults"
-
         print(f"**`bench/notes_sweep.py`** ({name}) — the note model alone at the ε = {sw['epsilon']:g} fit's privacy loss "
               f"(σ rule {sw['sigma_rule']}), {sw['prompts']} holdout records prompted, one run per seed "
               f"({sw['environment'].get('date') or sw['environment']['time_utc'][:10]}, {sw['environment'].get('gpu', 'CPU')}); "
