@@ -5,6 +5,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= out
 
+# glibc malloc: serve large blocks from the heap and keep freed memory, instead of an mmap + munmap per block of
+# 32 MB or more, which page-faults gigabytes of fresh memory in every DP note-model step (expensive on virtual
+# machines). bench/malloc.py measures it (README, Performance). A process keeps its peak heap until it exits.
+export MALLOC_MMAP_MAX_ := 0
+export MALLOC_TRIM_THRESHOLD_ := 68719476736
+
 .PHONY: setup demo demo-single demo-federated test test-slow bench clean
 
 setup: $(STAMP)
@@ -39,6 +45,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(BIN)/python bench/malloc.py
 	$(BIN)/python bench/dp_overhead.py
 	$(BIN)/python bench/utility.py
 	$(BIN)/python bench/vitals.py

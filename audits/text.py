@@ -263,7 +263,6 @@ def model_exposure(model_dir, train: pd.DataFrame, *, n_candidates: int = 1000, 
     the model saw); control canaries (never planted) are scored under the first training record. None when the
     model has no canaries."""
     from dpsynth.errors import ModelError
-    from dpsynth.models.text import note_log_likelihood
     from dpsynth.train import load_model, load_text
 
     canaries = load_canaries(model_dir)
@@ -279,11 +278,20 @@ def model_exposure(model_dir, train: pd.DataFrame, *, n_candidates: int = 1000, 
         raise ModelError(f"{model_dir}: canary host rows are not in this training file ({len(rows)} rows): audit "
                          "with the file the model was trained on")
 
+    res = exposure(host_scorer(model, tok, rows), canaries, n_candidates=n_candidates, seed=seed)
+    res["scorer"] = "the model's log-likelihood of the canary note given its first host's record"
+    return res
+
+
+def host_scorer(model, tok, rows: pd.DataFrame) -> Callable[[list[str], Canary], np.ndarray]:
+    """``exposure``'s scorer for a note model: the log-likelihood of each text given the canary's first host
+    record (row position in ``rows``, the training frame with a fresh index); a control canary (no hosts) is
+    scored under the first row."""
+    from dpsynth.models.text import note_log_likelihood
+
     def scorer(texts: list[str], canary: Canary) -> np.ndarray:
         row = rows.iloc[canary.hosts[0] if canary.hosts else 0]
         ids = tok.encode(pd.DataFrame([row] * len(texts)).reset_index(drop=True), texts).ids
         return note_log_likelihood(model, ids)[0]
 
-    res = exposure(scorer, canaries, n_candidates=n_candidates, seed=seed)
-    res["scorer"] = "the model's log-likelihood of the canary note given its first host's record"
-    return res
+    return scorer

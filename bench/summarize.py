@@ -48,6 +48,14 @@ def main() -> None:
               f"non-DP {d['plain']['step_ms_median']:.1f} ms, DP (Opacus ghost clipping) {d['dp']['step_ms_median']:.1f} ms → "
               f"ratio **{d['dp_over_plain_time_ratio']:.2f}** (target ≤ 1.3); peak memory with the whole training set held "
               f"in memory: {d['dp']['peak_rss_mb']:.0f} MB DP, {d['plain']['peak_rss_mb']:.0f} MB non-DP (target ≤ 2,048 MB).\n")
+    d = load("malloc")
+    if d:
+        g, t = d["runs"]["glibc_defaults"], d["runs"]["tuned"]
+        print(f"**`bench/malloc.py`** — the DP note model's step (batch {g['batch']}, mean of {g['steps']} steps, 2 threads) "
+              f"with glibc's default malloc: {g['seconds_per_step']:.1f} s, {g['kernel_s']:.0f} s in the kernel; with the "
+              f"Makefile's {', '.join(f'{k}={v}' for k, v in d['settings'].items())}: {t['seconds_per_step']:.1f} s, "
+              f"{t['kernel_s']:.0f} s in the kernel → **{d['speedup']:.2f}×** faster; peak RSS {g['peak_rss_mb']:.0f} → "
+              f"{t['peak_rss_mb']:.0f} MB.\n")
     s = load("audit_speed")
     if s:
         parts = []
@@ -106,7 +114,7 @@ def main() -> None:
     def m(x, d=3):
         return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
 
-    for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4"):
+    for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4", "notes_prior_chained"):
         nb = load(name)
         if not nb:
             continue
@@ -187,6 +195,30 @@ def main() -> None:
                   f"{r['steps']} | {r['mean']:.3f} ({r['min']:.3f}) | {r['final_loss']:.2f} | "
                   f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
                   f"{c.get('afib', float('nan')):.2f} |")
+        print()
+    for name in ("notes_canaries", "notes_prior", "notes_sweep_fed"):
+        sw = load(name)
+        if not sw:
+            continue
+        print(f"**`bench/notes_sweep.py`** ({name}, CPU, {sw['environment']['time_utc'][:10]}) — "
+              + (f"{sw['note'].rstrip('.')}" if sw.get("note") else "") + ":\n")
+        print("| setting | seeds | σ | steps | consistency | value consistency | 16× canaries: mean bits, lower bounds "
+              "(runs above chance / above the gate's allowance) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sw["summary"]:
+            sig = r["sigma"] if isinstance(r["sigma"], list) else [r["sigma"]]
+            stp = r["steps"] if isinstance(r["steps"], list) else [r["steps"]]
+            e = (r.get("canary_exposure") or {}).get("16")
+            can = (f"{e['mean']:.2f}, {' / '.join(f'{x:.2f}' for x in e['lower_bounds'])} ({e['above_chance']} / "
+                   f"{e['above_gate_allowance']} of {len(e['lower_bounds'])})" if e else "—")
+            print(f"| {setting(r['variant'])} | {', '.join(map(str, r['seeds']))} | {'/'.join(f'{x:.2f}' for x in sig)} | "
+                  f"{'/'.join(map(str, stp))} | {r['mean']:.3f} | {r['value_consistency']:.3f} | {can} |")
+        dp = next((r["canary_dp"] for r in sw["summary"] if r.get("canary_dp")), None)
+        if dp:
+            print(f"\n(the note model's privacy loss as μ-GDP: μ = {dp['gdp_mu']:.2f}; group privacy allows a 5 %-level "
+                  "test that a secret shared by k patients was trained on a power of at most "
+                  + ", ".join(f"{v:.2f} ({k}×)" for k, v in sorted(dp["max_test_power_5pct"].items(), key=lambda kv: int(kv[0])))
+                  + ")")
         print()
     for name in ("demo_fed", "demo_fed_notes", "demo_fed_notes_share"):
         fd = load(name)

@@ -84,16 +84,18 @@ def test_noise_has_the_variance_dp_sgd_promises(sigma, clip):
 
 
 def test_per_sample_clipping_bounds_each_patient_influence():
-    """With σ = 0 a single real record moves the critic by at most C/B (plus the fake term)."""
+    """With σ = 0 a single real record moves the critic by at most C/B (plus the fake term). In float64: the
+    move is weights-before minus weights-after, and in float32 that difference alone carries a rounding error of
+    a few 1e-4 of C/B (it read 1.0002 × C/B on an AVX2-only CPU, where the float32 kernels round differently)."""
     torch.manual_seed(3)
-    base = Critic(D, 64)
-    fake = torch.rand(B, D)
+    base = Critic(D, 64).double()
+    fake = torch.rand(B, D, dtype=torch.float64)
     fake_grads, _ = fake_term_grads(base, fake, 0.0)
     dp = copy.deepcopy(base)
     clip = 0.01
     model, opt, crit = make_dp(dp, sigma=0.0, clip=clip, lr=1.0)
     before = flat(dp).clone()
-    outlier = torch.full((1, D), 50.0)  # a huge record: unclipped its gradient would be enormous
+    outlier = torch.full((1, D), 50.0, dtype=torch.float64)  # a huge record: unclipped its gradient would be enormous
     critic_step_dp(critic=model, optimizer=opt, criterion=crit, real=outlier, fake=fake, gp_weight=0.0)
     private = (before - flat(dp)) - torch.cat([g.reshape(-1) for g in fake_grads])
     assert private.norm() <= clip / B * 1.0001
@@ -124,3 +126,4 @@ def test_clipped_fake_term_bounds_each_fake_record():
     # mean over B vs B-1 records: rescale the B-1 term to compare the single record's contribution
     one = torch.cat([(f - b * (B - 1) / B).reshape(-1) for f, b in zip(full, base)])
     assert one.norm() <= 1.0 / B * 1.001
+

@@ -627,6 +627,38 @@ def test_condition_to_vocabulary_path_adds_gated_offsets_of_the_record_s_own_con
         assert not diff[~has].any() and not diff[has][..., :target].any()
 
 
+def test_public_prior_raises_the_words_that_name_a_present_condition_and_nothing_else(schema):
+    """TextConfig.cond_prior: the path row of a present binary condition starts at b on the word pieces that
+    name it (the schema column's name and description words, case-insensitive), every other entry at 0; the
+    words come from the schema alone, and a tokenizer saved without them (before the prior existed) has none."""
+    from dpsynth.data.demo import demo_schema_with_notes
+    from dpsynth.models.text import condition_terms
+
+    tok = NoteTokenizer.from_schema(demo_schema_with_notes(), max_len=96)  # with the demo's public vocabulary
+    assert condition_terms(schema["heart_failure"]) == ["heart", "failure"]
+    assert condition_terms(schema["htn"]) == ["htn", "hypertension"]  # description "hypertension"
+    assert "recorded" not in condition_terms(schema["nafld"])  # "NAFLD diagnosis ever recorded": stop words
+    pairs = tok.prior_pieces()
+    hf = tok.condition_token("heart_failure", 1) - FIRST_COND
+    named = {tok.token_name(w) for r, w in pairs if r == hf}
+    assert {" heart", " failure"} <= named and all(w.strip().lower() in {"heart", "failure"} for w in named)
+    yes_rows = {tok.condition_token(c.name, 1) - FIRST_COND for c in tok.columns if c.kind == "binary"}
+    assert {r for r, _ in pairs} <= yes_rows  # never a "0", missing, band or category row
+    torch.manual_seed(0)
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_prior=1.5))
+    expected = torch.zeros_like(m.cond_out.weight)
+    for r, w in pairs:
+        expected[r, w] = 1.5
+    assert torch.equal(m.cond_out.weight.detach(), expected) and len(pairs) > 10
+    assert not NoteLM.for_tokenizer(tok, SMALL).cond_out.weight.any()  # 0: no prior
+    old = tok.to_json()
+    for c in old["columns"]:
+        c.pop("terms")
+    assert NoteTokenizer.from_json(old).prior_pieces() == []
+    with pytest.raises(ValueError, match="cond_prior"):
+        replace(SMALL, cond_prior=-1.0)
+
+
 def test_condition_dropout_replaces_the_whole_condition_in_training_only(tok, train_df, notes):
     """cond_dropout p: in training, each example's condition becomes the all-missing one with probability p
     (p = 1: always, p = 0: never); in evaluation (scoring, audits) never."""
