@@ -84,10 +84,10 @@ def noise(rule: str, cfg, n_notes: int, epsilon: float, schema) -> tuple[float, 
     """(σ, steps) of the note model for TextConfig ``cfg`` (module docstring)."""
     steps = cfg.epochs * math.ceil(n_notes / cfg.batch_size)
     if rule == "clt":
-        q0 = 1 / math.ceil(n_notes / REFERENCE["batch_size"])
-        q = 1 / math.ceil(n_notes / cfg.batch_size)
-        x = math.expm1(1 / REFERENCE["sigma"] ** 2) * q0 * q0 * REFERENCE["steps"] / (q * q * steps)
-        return 1 / math.sqrt(math.log1p(x)), steps
+        from dpsynth.privacy.accountant import clt_mu, split_sigmas
+
+        mu = clt_mu(REFERENCE["sigma"], 1 / math.ceil(n_notes / REFERENCE["batch_size"]), REFERENCE["steps"])
+        return split_sigmas(mu, [(1 / math.ceil(n_notes / cfg.batch_size), steps, 1.0)])[0], steps
     from dpsynth.train import TrainConfig, default_delta, make_plan, schema_accountant
 
     plan = make_plan(n=n_notes, epsilon=epsilon, delta=default_delta(n_notes), prior=schema_accountant(schema),
@@ -241,7 +241,9 @@ def one(spec: dict) -> list[dict]:
         # most powerful test at level 5 % that the secret was trained on has power Φ(kμ − 1.645)
         from scipy.stats import norm
 
-        mu = q * math.sqrt(steps * math.expm1(1 / sigma**2))
+        from dpsynth.privacy.accountant import clt_mu
+
+        mu = clt_mu(sigma, q, steps)
         canary_dp = {"gdp_mu": mu, "max_test_power_5pct": {c: float(norm.cdf(int(c) * mu - 1.645))
                                                            for c in res["per_count"] if c != "0"}}
     prompts = ho.sample(min(spec["prompts"], len(ho)), random_state=0).reset_index(drop=True)

@@ -126,4 +126,3 @@ def test_clipped_fake_term_bounds_each_fake_record():
     # mean over B vs B-1 records: rescale the B-1 term to compare the single record's contribution
     one = torch.cat([(f - b * (B - 1) / B).reshape(-1) for f, b in zip(full, base)])
     assert one.norm() <= 1.0 / B * 1.001
-

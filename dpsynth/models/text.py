@@ -334,8 +334,8 @@ class NoteTokenizer:
         for c, off in zip(self.columns, self.offsets):
             if c.kind != "binary" or not c.terms:
                 continue
-            row = off + c.values.index("1") - FIRST_COND
-            out += [(row, self.word_ids[w]) for w in self.words if w.strip().lower() in set(c.terms)]
+            row, terms = off + c.values.index("1") - FIRST_COND, set(c.terms)
+            out += [(row, self.word_ids[w]) for w in self.words if w.strip().lower() in terms]
         return out
 
     def condition_token(self, column: str, value: Any) -> int:

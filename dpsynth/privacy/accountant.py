@@ -242,6 +242,12 @@ def _largest_within(f, target: float, x0: float, tol: float, *, x_min: float, x_
     raise PrivacyParameterError("noise calibration did not converge")
 
 
+def clt_mu(sigma: float, q: float, steps: int) -> float:
+    """μ of the μ-GDP that ``steps`` Poisson-subsampled Gaussian steps at (σ, q) approximately satisfy by the
+    central-limit theorem (Bu, Dong, Long & Su 2020): μ = q·√(T·(e^{1/σ²} − 1)); ``split_sigmas`` inverts it."""
+    return q * math.sqrt(steps * math.expm1(1 / sigma**2))
+
+
 def split_sigmas(scale: float, parts: list[tuple[float, int, float]]) -> list[float]:
     """Noise multipliers for several DP-SGD mechanisms sharing one budget (the split rule).
 
