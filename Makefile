@@ -37,9 +37,10 @@ demo-federated: $(STAMP)
 	$(BIN)/python -m deploy demo --out $(OUT)/federated
 
 # two workers (the machine's 2 cores; the tests run torch single-threaded), one test file per worker so that
-# the real-process consortium fixture is started once: 8.5 min where one worker took 11.5
+# the real-process consortium fixture is started once: 8.5 min where one worker took 11.5. Files go out longest
+# first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -7,7 +7,9 @@ with each of ``--sampling``'s overrides (e.g. ``'[{}, {"repetition": 0}]'``: the
 comparison is paired), and scores them with ``dpsynth.metrics.notes.condition_consistency``. Runs go in parallel worker processes, so a
 machine with many cores (or a GPU: ``--device cuda`` trains there, sampling stays on the CPU) sweeps in minutes.
 
-The noise of a variant (σ, steps) is that of the note model in the default chained fit at ``--epsilon``:
+The noise of a variant (σ, steps) is that of the note model in the default chained fit at ``--epsilon`` (a
+variant's ``"text_share"`` key sets the note model's budget share against the WGAN's and flow's 1, as
+``dpsynth train --budget-shares text=…`` does; plan rule):
   * ``--sigma-rule plan`` (default): ``dpsynth.train.make_plan`` for the variant's TextConfig — the exact PRV
     calibration of the WGAN + flow + note split that ``dpsynth train`` would run;
   * ``--sigma-rule clt``: the variant keeps the Gaussian-DP privacy loss μ² = q²·T·(e^{1/σ²} − 1) (the split
@@ -80,10 +82,13 @@ def frames(data: str | None):
             validate_frame(pd.read_csv(Path(data) / "holdout.csv"), schema, "holdout"))
 
 
-def noise(rule: str, cfg, n_notes: int, epsilon: float, schema) -> tuple[float, int]:
-    """(σ, steps) of the note model for TextConfig ``cfg`` (module docstring)."""
+def noise(rule: str, cfg, n_notes: int, epsilon: float, schema, text_share: float = 1.0) -> tuple[float, int]:
+    """(σ, steps) of the note model for TextConfig ``cfg`` (module docstring); ``text_share``: the note model's
+    budget share against the WGAN's and the flow's 1 (TrainConfig.budget_shares; plan rule only)."""
     steps = cfg.epochs * math.ceil(n_notes / cfg.batch_size)
     if rule == "clt":
+        if text_share != 1.0:
+            raise SystemExit("text_share needs --sigma-rule plan")
         from dpsynth.privacy.accountant import clt_mu, split_sigmas
 
         mu = clt_mu(REFERENCE["sigma"], 1 / math.ceil(n_notes / REFERENCE["batch_size"]), REFERENCE["steps"])
@@ -91,7 +96,9 @@ def noise(rule: str, cfg, n_notes: int, epsilon: float, schema) -> tuple[float, 
     from dpsynth.train import TrainConfig, default_delta, make_plan, schema_accountant
 
     plan = make_plan(n=n_notes, epsilon=epsilon, delta=default_delta(n_notes), prior=schema_accountant(schema),
-                     config=TrainConfig(models=("wgan", "flow", "text"), text=cfg), non_private=False, text_n=n_notes)
+                     config=TrainConfig(models=("wgan", "flow", "text"), text=cfg,
+                                       budget_shares={"wgan": 1.0, "flow": 1.0, "text": text_share}),
+                     non_private=False, text_n=n_notes)
     return plan.text_noise, plan.text_steps
 
 
@@ -196,6 +203,7 @@ def one(spec: dict) -> list[dict]:
     torch.set_num_threads(spec["threads"])
     variant = dict(spec["variant"])
     fed = variant.pop("fed", None)
+    text_share = float(variant.pop("text_share", 1.0))  # the note model's budget share (model-alone variants)
     canaries = None
     if fed is None:
         cfg = replace(TextConfig(), **variant)
@@ -212,7 +220,7 @@ def one(spec: dict) -> list[dict]:
         tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
         enc = tok.encode(tr, tr_notes.tolist())
         ids = torch.from_numpy(enc.ids[enc.present])
-        sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema)
+        sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema, text_share)
         model = NoteLM.for_tokenizer(tok, cfg).to(device)
         losses, train_s, q = train_private(model, cfg, ids, sigma=sigma, steps=steps, seed=seed, device=device)
         final_loss = float(np.nanmean(losses[-max(1, steps // 8):]))

@@ -2,7 +2,7 @@
 `flwr supernode register`, `flwr run`. Small models so the runs stay short on 2 cores.
 
 The killed-SuperNode test (the SuperLink notices a SIGKILLed node only after its heartbeat timeout, ~60 s;
-≈ 3 min in all, with the malformed and oversized replies drilled in the same consortium) runs in `make test`: the issue asks for it there. Its twin below the minimum number of sites
+≈ 3 min in all on a fast 2-core machine, 6 on a slow one, with the malformed and oversized replies drilled in the same consortium) runs in `make test`: the issue asks for it there. Its twin below the minimum number of sites
 is marked slow (`make test-slow`); the same rule is tested in process in tests/test_federation.py."""
 
 from __future__ import annotations
