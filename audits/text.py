@@ -104,6 +104,14 @@ def insert_canaries(notes: pd.Series, canaries: Sequence[Canary], seed: int | No
     return out
 
 
+def plant_canaries(notes: pd.Series, n_per_count: int, seed: int) -> tuple[list[Canary], pd.Series]:
+    """The planting of ``dpsynth train --canaries``: ``n_per_count`` canaries per repetition count (COUNTS) and
+    as many controls from ``seed`` (``make_canaries``), each placed in the notes of ``count`` patients drawn with
+    ``seed + 1`` (``insert_canaries``) among the missing-free ``notes``. Returns (canaries, planted notes)."""
+    canaries = make_canaries(n_per_count, COUNTS, seed=seed)
+    return canaries, insert_canaries(notes, canaries, seed=seed + 1)
+
+
 def chance_exposure(n_candidates: int) -> float:
     """E[exposure] of the rank estimate when the canary is exchangeable with the candidates (no memorisation):
     the mean of −log2(k/(n+1)) over k = 1 … n+1 (→ 1/ln 2 ≈ 1.44 bits)."""

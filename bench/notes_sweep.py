@@ -211,12 +211,12 @@ def one(spec: dict) -> list[dict]:
         tr = tr.reset_index(drop=True)
         tr_notes = tr["note"]
         if spec.get("canaries"):  # planted as `dpsynth train --canaries` does; scoring keeps the real notes
-            from audits.text import COUNTS, insert_canaries, make_canaries
+            from audits.text import plant_canaries
 
-            canaries = make_canaries(spec["canaries"], COUNTS, seed=seed)
             present = tr_notes[tr_notes.notna()]
+            canaries, planted = plant_canaries(present, spec["canaries"], seed)
             tr_notes = tr_notes.astype(object).copy()
-            tr_notes.loc[present.index] = insert_canaries(present, canaries, seed=seed + 1)
+            tr_notes.loc[present.index] = planted
         tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
         enc = tok.encode(tr, tr_notes.tolist())
         ids = torch.from_numpy(enc.ids[enc.present])

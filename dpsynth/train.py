@@ -888,7 +888,7 @@ def _canaries(work: Path, per_count: int, notes: list, *, seed: int | None, resu
     """Plant (or, on resume, reload) the secret-sharer canaries: ``per_count`` canaries per repetition count in
     CANARY_COUNTS plus as many never-planted controls. Hosts are row positions among the patients with a note.
     Written to ``work/canaries.json`` before the first text step, so a resumed run trains on the same notes."""
-    from audits.text import insert_canaries, make_canaries
+    from audits.text import plant_canaries
 
     path = work / "canaries.json"
     if resume and path.exists():
@@ -898,8 +898,7 @@ def _canaries(work: Path, per_count: int, notes: list, *, seed: int | None, resu
     if need > len(present):
         raise DataError(f"--canaries {per_count} needs {need} notes to replace, the data has {len(present)}")
     secret_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
-    cans = make_canaries(per_count, CANARY_COUNTS, seed=secret_seed)
-    insert_canaries(pd.Series(notes, dtype=object)[present], cans, seed=secret_seed + 1)
+    cans, _ = plant_canaries(pd.Series(notes, dtype=object)[present], per_count, secret_seed)
     doc = {"warning": CANARY_WARNING, "counts": list(CANARY_COUNTS), "per_count": per_count,
            "hosts_are": "row positions in the training data",
            "canaries": [{"secret": c.secret, "count": c.count, "text": c.text, "hosts": [int(h) for h in c.hosts]}
