@@ -196,7 +196,7 @@ def main() -> None:
                   f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
                   f"{c.get('afib', float('nan')):.2f} |")
         print()
-    for name in ("notes_canaries", "notes_prior", "notes_sweep_fed"):
+    for name in ("notes_canaries", "notes_prior", "notes_paired_s2", "notes_sweep_fed"):
         sw = load(name)
         if not sw:
             continue
@@ -213,10 +213,13 @@ def main() -> None:
                    f"{e['above_gate_allowance']} of {len(e['lower_bounds'])})" if e else "—")
             print(f"| {setting(r['variant'])} | {', '.join(map(str, r['seeds']))} | {'/'.join(f'{x:.2f}' for x in sig)} | "
                   f"{'/'.join(map(str, stp))} | {r['mean']:.3f} | {r['value_consistency']:.3f} | {can} |")
-        dp = next((r["canary_dp"] for r in sw["summary"] if r.get("canary_dp")), None)
-        if dp:
-            print(f"\n(the note model's privacy loss as μ-GDP: μ = {dp['gdp_mu']:.2f}; group privacy allows a 5 %-level "
-                  "test that a secret shared by k patients was trained on a power of at most "
+        dps = {}  # one line per distinct note-model privacy loss (a budget-share variant has its own)
+        for r in sw["summary"]:
+            if r.get("canary_dp"):
+                dps.setdefault(round(r["canary_dp"]["gdp_mu"], 2), (r["canary_dp"], setting(r["variant"])))
+        for dp, name in dps.values():
+            print(f"\n(the note model's privacy loss as μ-GDP{'' if len(dps) == 1 else f' ({name})'}: μ = {dp['gdp_mu']:.2f}; "
+                  "group privacy allows a 5 %-level test that a secret shared by k patients was trained on a power of at most "
                   + ", ".join(f"{v:.2f} ({k}×)" for k, v in sorted(dp["max_test_power_5pct"].items(), key=lambda kv: int(kv[0])))
                   + ")")
         print()

@@ -659,6 +659,32 @@ def test_public_prior_raises_the_words_that_name_a_present_condition_and_nothing
         replace(SMALL, cond_prior=-1.0)
 
 
+def test_band_prior_raises_the_whole_numbers_inside_a_closed_band_only():
+    """TextConfig.cond_prior_bands: the row of a closed value band [a, b) also starts at the prior on the
+    whole-number word pieces a ≤ n < b; open bands ("<30", ">=80"), whose public bound is one-sided, get none."""
+    from dpsynth.data.demo import demo_schema_with_notes
+
+    tok = NoteTokenizer.from_schema(demo_schema_with_notes(), max_len=96)
+    plain, banded = set(tok.prior_pieces()), set(tok.prior_pieces(bands=True))
+    assert plain < banded
+    age = next(c for c in tok.columns if c.name == "age")
+
+    def numbers(value, label):  # the whole numbers raised on the row of the age band holding ``value``
+        assert age.values[age.index_of(value)] == label
+        row = tok.condition_token("age", value) - FIRST_COND
+        return {int(tok.token_name(w)) for r, w in banded - plain if r == row}
+
+    assert numbers(55, "50-60") == set(range(50, 60)) and numbers(35, "30-40") == set(range(30, 40))
+    assert numbers(20, "<30") == set() and numbers(85, ">=80") == set()
+    band_rows = {tok.condition_token(c.name, v) - FIRST_COND for c in tok.columns if c.kind == "continuous"
+                 for v in [(a + b) / 2 for a, b in zip(c.edges, c.edges[1:])]}
+    assert {r for r, _ in banded - plain} <= band_rows and len(banded - plain) > 100
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_prior=1.5, cond_prior_bands=True))
+    assert all(m.cond_out.weight[r, w] == 1.5 for r, w in banded)
+    assert int((m.cond_out.weight != 0).sum()) == len(banded)
+    assert int((NoteLM.for_tokenizer(tok, replace(SMALL, cond_prior=1.5)).cond_out.weight != 0).sum()) == len(plain)
+
+
 def test_condition_dropout_replaces_the_whole_condition_in_training_only(tok, train_df, notes):
     """cond_dropout p: in training, each example's condition becomes the all-missing one with probability p
     (p = 1: always, p = 0: never); in evaluation (scoring, audits) never."""
