@@ -196,7 +196,7 @@ def main() -> None:
                   f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
                   f"{c.get('afib', float('nan')):.2f} |")
         print()
-    for name in ("notes_canaries", "notes_prior", "notes_paired_s2", "notes_sweep_fed"):
+    for name in ("notes_canaries", "notes_prior", "notes_paired_s2", "notes_band_s0", "notes_sweep_fed"):
         sw = load(name)
         if not sw:
             continue

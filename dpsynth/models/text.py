@@ -626,9 +626,9 @@ class TextConfig:
     cond_prior: float = 1.5
     # the same prior on the rows of closed value bands (NoteTokenizer.prior_pieces(bands=True)): age band 50-60 starts
     # raised on the word pieces " 50" … " 59", BMI 25-30 on " 25" … " 29" (the band edges are public: no privacy cost).
-    # An option until more seeds are in: the note model alone at the ε = 8 fit's privacy loss, seed 2 paired
-    # (results/notes_paired_s2.json): condition consistency 0.948 → 0.952, value consistency 0.738 → 0.755, final
-    # NLL 2.15 → 2.10 nats/token
+    # An option until the chained fit confirms it: the note model alone at the ε = 8 fit's privacy loss, seeds 2 and 0
+    # paired (results/notes_paired_s2.json, notes_band_s0.json): condition consistency 0.948 → 0.952 and 0.959 →
+    # 0.961, value consistency 0.738 → 0.755 and 0.741 → 0.773, final NLL 2.15 → 2.10 and 2.17 → 2.13 nats/token
     cond_prior_bands: bool = False
 
     def __post_init__(self):
