@@ -204,6 +204,8 @@ def one(spec: dict) -> list[dict]:
     variant = dict(spec["variant"])
     fed = variant.pop("fed", None)
     text_share = float(variant.pop("text_share", 1.0))  # the note model's budget share (model-alone variants)
+    if fed is not None and text_share != 1.0:
+        raise SystemExit('a federated variant sets the note model\'s share in "fed": {"budget_shares": ...}')
     canaries = None
     if fed is None:
         cfg = replace(TextConfig(), **variant)
