@@ -58,7 +58,6 @@ FLOW_MECHANISM = "dp-sgd:flow"
 TEXT_MECHANISM = "dp-sgd:text"
 MODELS = ("wgan", "flow", "text")
 RECORD_MODELS = ("wgan", "flow")  # the default chained patient of a schema without a text column
-CANARY_COUNTS = (1, 4, 16)  # repetition counts of the planted canaries (audits.text.COUNTS)
 # TextConfig options absent from note models saved before them, and the value those models were trained with
 LEGACY_TEXT_PATHS = {"cond_vocab": False, "cond_clip_share": 0.0, "cond_sparse": False, "cond_rows": "asserting"}
 CANARY_WARNING = ("planted secret-sharer canaries: keep inside the model directory for the memorisation audit; "
@@ -106,7 +105,7 @@ class TrainConfig:
     wgan: WGANConfig = field(default_factory=WGANConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    # secret-sharer canaries for the memorisation audit: this many per repetition count (CANARY_COUNTS), plus as
+    # secret-sharer canaries for the memorisation audit: this many per repetition count (audits.text.COUNTS), plus as
     # many never-planted controls; 0 = none. Only with the text model.
     canaries: int = 0
 
@@ -886,20 +885,20 @@ def _missing(v) -> bool:
 
 def _canaries(work: Path, per_count: int, notes: list, *, seed: int | None, resume: bool) -> dict:
     """Plant (or, on resume, reload) the secret-sharer canaries: ``per_count`` canaries per repetition count in
-    CANARY_COUNTS plus as many never-planted controls. Hosts are row positions among the patients with a note.
+    audits.text.COUNTS plus as many never-planted controls. Hosts are row positions among the patients with a note.
     Written to ``work/canaries.json`` before the first text step, so a resumed run trains on the same notes."""
-    from audits.text import plant_canaries
+    from audits.text import COUNTS, plant_canaries
 
     path = work / "canaries.json"
     if resume and path.exists():
         return read_json(path, "canaries")
     present = [i for i, v in enumerate(notes) if v is not None]
-    need = per_count * sum(CANARY_COUNTS)
+    need = per_count * sum(COUNTS)
     if need > len(present):
         raise DataError(f"--canaries {per_count} needs {need} notes to replace, the data has {len(present)}")
     secret_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
     cans, _ = plant_canaries(pd.Series(notes, dtype=object)[present], per_count, secret_seed)
-    doc = {"warning": CANARY_WARNING, "counts": list(CANARY_COUNTS), "per_count": per_count,
+    doc = {"warning": CANARY_WARNING, "counts": list(COUNTS), "per_count": per_count,
            "hosts_are": "row positions in the training data",
            "canaries": [{"secret": c.secret, "count": c.count, "text": c.text, "hosts": [int(h) for h in c.hosts]}
                         for c in cans]}
