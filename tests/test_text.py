@@ -645,7 +645,7 @@ def test_public_prior_raises_the_words_that_name_a_present_condition_and_nothing
     yes_rows = {tok.condition_token(c.name, 1) - FIRST_COND for c in tok.columns if c.kind == "binary"}
     assert {r for r, _ in pairs} <= yes_rows  # never a "0", missing, band or category row
     torch.manual_seed(0)
-    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_prior=1.5))
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_prior=1.5, cond_prior_bands=False))
     expected = torch.zeros_like(m.cond_out.weight)
     for r, w in pairs:
         expected[r, w] = 1.5
@@ -682,7 +682,9 @@ def test_band_prior_raises_the_whole_numbers_inside_a_closed_band_only():
     m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_prior=1.5, cond_prior_bands=True))
     assert all(m.cond_out.weight[r, w] == 1.5 for r, w in banded)
     assert int((m.cond_out.weight != 0).sum()) == len(banded)
-    assert int((NoteLM.for_tokenizer(tok, replace(SMALL, cond_prior=1.5)).cond_out.weight != 0).sum()) == len(plain)
+    assert TextConfig().cond_prior_bands  # the default since the chained fit's five seeds
+    off = replace(SMALL, cond_prior=1.5, cond_prior_bands=False)
+    assert int((NoteLM.for_tokenizer(tok, off).cond_out.weight != 0).sum()) == len(plain)
 
 
 def test_condition_dropout_replaces_the_whole_condition_in_training_only(tok, train_df, notes):
