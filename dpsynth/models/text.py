@@ -1009,8 +1009,20 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
                  top_p: float = 0.95, generator: torch.Generator | None = None, max_new: int | None = None,
                  batch: int = 512, guidance: float = 1.0, plausibility: float | None = None,
                  repetition: float | None = None) -> list[str]:
-    """One note per condition row (a frame of records, or [n, K] condition ids), generated token by token
-    with a key/value cache, temperature and nucleus (top-p) sampling. Only byte tokens and EOS can be
+    """One note per condition row (``sample_note_ids``' sequences, decoded)."""
+    ids = sample_note_ids(model, tokenizer, conditions, temperature=temperature, top_p=top_p, generator=generator,
+                          max_new=max_new, batch=batch, guidance=guidance, plausibility=plausibility,
+                          repetition=repetition)
+    return [tokenizer.decode(row) for row in ids[:, tokenizer.prefix_len :].tolist()]
+
+
+def sample_note_ids(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.ndarray, *,
+                    temperature: float = 1.0, top_p: float = 0.95, generator: torch.Generator | None = None,
+                    max_new: int | None = None, batch: int = 512, guidance: float = 1.0,
+                    plausibility: float | None = None, repetition: float | None = None) -> torch.Tensor:
+    """One note per condition row, as whole sequences [n, max_len] in the training layout (BOS, condition, SEP,
+    note tokens, EOS, PAD…; ``NoteLM.token_nll`` scores them). ``conditions``: a frame of records, or [n, K]
+    condition ids. Each note is generated token by token with a key/value cache, temperature and nucleus (top-p) sampling. Only byte tokens and EOS can be
     generated; a note that reaches ``max_new`` tokens (default: the room left in ``max_len``) stops there.
     ``guidance`` ≠ 1: classifier-free guidance, an all-missing-condition stream alongside in the same batch, with
     the plausibility constraint ``plausibility`` (None: the model's ``TextConfig.plausibility``) on the candidates.
@@ -1028,7 +1040,7 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
     allowed[tokenizer.generable()] = 0.0
     cfg = m.config
     dh = cfg.d_model // cfg.heads
-    out: list[str] = []
+    out = torch.full((len(cond), tokenizer.max_len), PAD, dtype=torch.long)
     guided = guidance != 1.0
     alpha = cfg.plausibility if plausibility is None else float(plausibility)
     uncond = torch.as_tensor(tokenizer.unconditional(), dtype=torch.long)
@@ -1069,6 +1081,8 @@ def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.
                 x = b.step(x, cache, t)
             logits = _guide(m.project(m.ln_f(x), offsets)[:, 0], B, guidance, alpha, allowed)
             t += 1
-        out += [tokenizer.decode(row) for row in gen.tolist()]
+        P = prefix.shape[1]
+        out[s : s + B, :P] = prefix[:B]
+        out[s : s + B, P : P + max_new] = gen
     m.train(was)
     return out
