@@ -223,6 +223,27 @@ def main() -> None:
                   + ", ".join(f"{v:.2f} ({k}×)" for k, v in sorted(dp["max_test_power_5pct"].items(), key=lambda kv: int(kv[0])))
                   + ")")
         print()
+    adv = load("notes_adv_s0")
+    if adv:
+        print(f"**`bench/notes_sweep.py`** (notes_adv_s0, CPU, {adv['environment']['time_utc'][:10]}) — "
+              f"{adv['note'].rstrip('.')}:\n")
+        print("| setting | σ MLE / critic | ε of the note mechanisms | training s | condition consistency | value consistency | "
+              "note TSTR/TRTR | two-sample AUC | distinct-2 / self-BLEU | perplexity holdout | critic loss first / last "
+              "(chance 1.39) | 16× canaries' lower bound |")
+        print("|---" * 12 + "|")
+        for r in adv["runs"]:
+            mt, a = r["metrics"], r.get("adversarial")
+            if a:
+                head = f"| MLE + adversarial stage | {r['sigma']:.3f} / {a['critic_sigma']:.3f} | {a['epsilon_note_mechanisms']:.2f} | "
+            else:  # the MLE-alone fit's ε is recorded with the adversarial run it is the target of
+                e = next(x["adversarial"]["epsilon_mle_alone"] for x in adv["runs"] if x.get("adversarial"))
+                head = f"| MLE alone | {r['sigma']:.3f} / — | {e:.2f} | "
+            print(head + f"{r['train_seconds']:.0f} | {mt['consistency']:.3f} | {mt['value_consistency']:.3f} | "
+                  f"{mt['tstr_ratio']:.3f} | {mt['two_sample_auc']:.3f} | {mt['distinct_2_synthetic']:.3f} / "
+                  f"{mt['self_bleu_synthetic']:.3f} | {mt['perplexity_holdout']:.2f} | "
+                  + (" / ".join(f"{x:.3f}" for x in a["critic_loss_first_last"]) if a else "—")
+                  + f" | {r['canary_exposure']['16']['lower_bound']:.2f} |")
+        print()
     for name in ("demo_fed", "demo_fed_notes", "demo_fed_notes_share"):
         fd = load(name)
         if not fd:
