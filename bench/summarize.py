@@ -137,9 +137,10 @@ def main() -> None:
                   f"{m(s_.get('distinct_2_real'))} | {m(s_.get('self_bleu_synthetic'))} / {m(s_.get('self_bleu_real'))} | "
                   f"{m(s_.get('perplexity_holdout'), 2)} / {m(s_.get('perplexity_train'), 2)} | {exps} "
                   f"(16× lower bound {exp.get('lower_bound_max', float('nan')):.2f}) | {m(s_.get('ngram_overlap_excess'), 4)} |")
-        t = nb.get("targets_at_eps8") or {}
-        print("\nTargets at ε = 8: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + "."
-              + (f" {nb['note']}" if nb.get("note") else "") + "\n")
+        t = nb.get("targets_at_eps8") or {}  # none when the file has no ε = 8 run
+        verdict = ("Targets at ε = 8: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + "."
+                   if t else "")
+        print("\n" + " ".join(x for x in (verdict, nb.get("note") or "") if x) + "\n")
     ns = load("notes_steps")
     if ns:
         pts = "; ".join(f"{p['epochs']} epochs ({p['steps']} steps, {p['train_seconds']:.0f} s): {p['consistency']:.2f}"
