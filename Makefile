@@ -38,9 +38,10 @@ demo-federated: $(STAMP)
 
 # two workers (the machine's 2 cores; the tests run torch single-threaded), one test file per worker so that
 # the real-process consortium fixture is started once: 8.5 min where one worker took 11.5. Files go out longest
-# first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order)
+# first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order). --durations: the slowest tests
+# go into the log (CI's budget is 15 min on 2 cores)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
