@@ -127,7 +127,13 @@ def train_private(model, cfg, ids, *, sigma: float, steps: int, seed: int, devic
             losses.append(text_step(model=m, optimizer=opt, criterion=crit, batch=b.to(device), private=True))
             if len(losses) >= steps:
                 break
+    m.remove_hooks()  # training is over: later stages (e.g. the adversarial one) train ``model`` without Opacus
     return losses, time.time() - t, 1 / len(loader)
+
+
+def prompt_rows(holdout, n: int):
+    """The holdout records every run is prompted with and scored on (the same ``n`` rows in every run)."""
+    return holdout.sample(min(n, len(holdout)), random_state=0)
 
 
 def adversarial(overrides: dict, sigma: float, steps: int, n_notes: int, batch_size: int) -> dict:
@@ -262,11 +268,12 @@ def one(spec: dict) -> list[dict]:
         if adv is not None:
             t = time.time()
             model.to("cpu")
-            public = tok.encode_condition(ho.drop(ho.sample(min(spec["prompts"], len(ho)), random_state=0).index))
+            public = tok.encode_condition(ho.drop(prompt_rows(ho, spec["prompts"]).index))  # never a scored prompt
             hist = adversarial_finetune(model, tok, ids, public, config=adv_stage["config"],
                                         noise_multiplier=adv_stage["critic_sigma"], seed=seed)
-            train_s += time.time() - t
-            adv_stage.update(seconds=round(time.time() - t, 1), critic_loss_first_last=[hist["critic_loss"][0],
+            adv_s = time.time() - t
+            train_s += adv_s
+            adv_stage.update(seconds=round(adv_s, 1), critic_loss_first_last=[hist["critic_loss"][0],
                              float(np.nanmean(hist["critic_loss"][-5:]))],
                              reward_first_last=[hist["reward"][0], float(np.mean(hist["reward"][-5:]))]
                              if hist["reward"] else None)
@@ -301,7 +308,7 @@ def one(spec: dict) -> list[dict]:
         mu = clt_mu(sigma, q, steps)
         canary_dp = {"gdp_mu": mu, "max_test_power_5pct": {c: float(norm.cdf(int(c) * mu - 1.645))
                                                            for c in res["per_count"] if c != "0"}}
-    prompts = ho.sample(min(spec["prompts"], len(ho)), random_state=0).reset_index(drop=True)
+    prompts = prompt_rows(ho, spec["prompts"]).reset_index(drop=True)
     out = []
     for sampling in spec.get("sampling") or [{}]:
         kw = {k: getattr(cfg, k) for k in SAMPLING} | sampling

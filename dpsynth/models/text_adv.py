@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dp import backward_and_step, empty_batch_step, make_private
-from .text import PAD, NoteLM, SeqEmbedding, SeqLinear, _plain, sample_note_ids
+from .text import PAD, NoteLM, SeqEmbedding, SeqLinear, _plain, _trim, sample_note_ids
 
 
 @dataclass
@@ -94,7 +94,7 @@ def reinforce_step(generator: NoteLM, critic: nn.Module, tokenizer, conditions: 
     the mean reward and the policy loss."""
     ids = sample_note_ids(generator, tokenizer, conditions, temperature=1.0, top_p=1.0, guidance=1.0,
                           repetition=0.0, generator=rng)
-    ids = ids[:, : max(int((ids != PAD).sum(1).max()), generator.prefix_len + 1)]
+    ids = _trim(ids, generator.prefix_len)
     with torch.no_grad():
         reward = torch.sigmoid(_plain(critic)(ids.unsqueeze(1))[:, 0])
     adv = reward - reward.mean()
@@ -112,7 +112,8 @@ def adversarial_finetune(generator: NoteLM, tokenizer, train_ids: torch.Tensor, 
                          seed: int = 0, noise_generator: torch.Generator | None = None) -> dict:
     """The adversarial stage after the DP maximum-likelihood fit (module docstring). ``train_ids``: the private
     training sequences [n, max_len]; ``public_conditions``: [m, K] condition ids of public records for the
-    generator's prompts. The critic takes ``config.steps`` DP-SGD steps at (q = 1/⌈n/batch⌉, σ =
+    generator's prompts. ``generator``: a plain NoteLM (Opacus' hooks removed after its DP fit, or they compute
+    per-sample norms on every REINFORCE step for nothing). The critic takes ``config.steps`` DP-SGD steps at (q = 1/⌈n/batch⌉, σ =
     ``noise_multiplier``), which the caller charges. ``generator`` is updated in place. Returns the history."""
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -137,8 +138,9 @@ def adversarial_finetune(generator: NoteLM, tokenizer, train_ids: torch.Tensor, 
             else:
                 fake = sample_note_ids(generator, tokenizer, real[:, 1 : P - 1].numpy(), temperature=1.0,
                                        top_p=1.0, guidance=1.0, repetition=0.0, generator=g)
-                L = max(int((real != PAD).sum(1).max()), int((fake != PAD).sum(1).max()), P + 1)
-                hist["critic_loss"].append(backward_and_step(critic_loss(dp_critic, real[:, :L], fake[:, :L]),
+                pair = _trim(torch.cat([real, fake]), P)  # one width for both streams
+                B = len(real)
+                hist["critic_loss"].append(backward_and_step(critic_loss(dp_critic, pair[:B], pair[B:]),
                                                              criterion=None, optimizer=d_opt, private=True))
             hist["steps"] += 1
             if hist["steps"] > config.warmup:
