@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 from sklearn.neighbors import NearestNeighbors
 
+from dpsynth.metrics.auc import rank_auc
 from dpsynth.schema import Schema, canonical_category
 
 from .stats import bootstrap, percentile_estimate, proportion
@@ -136,8 +137,7 @@ def _score_attack(name: str, sm: np.ndarray, sn: np.ndarray, method: str) -> dic
     y = np.r_[np.ones(m), np.zeros(len(sn))]
 
     def auc(idx):
-        yy = np.r_[np.ones(len(idx)), np.zeros(len(idx))]
-        return roc_auc_score(yy, np.r_[sm[idx], sn[idx]])
+        return rank_auc(sm[idx], sn[idx])
 
     def tpr01(idx):
         yy = np.r_[np.ones(len(idx)), np.zeros(len(idx))]
@@ -285,6 +285,10 @@ def attribute_inference(a: AuditData, quasi_identifiers: list[str] | None = None
 
     def predict(nbrs: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Majority vote of the k nearest synthetic rows of the (redrawn) synthetic set."""
+        if k == 1:  # the first listed neighbour drawn at least once (_first_k's rule without the [n, K, t] product)
+            drawn = counts[nbrs] > 0
+            nearest = nbrs[np.arange(len(nbrs)), drawn.argmax(axis=1)]
+            return (syn_t[nearest] > 0.5) & drawn.any(axis=1)[:, None]
         take = _first_k(nbrs, counts, k)
         return (take[:, :, None] * syn_t[nbrs]).sum(axis=1) / np.maximum(take.sum(axis=1), 1)[:, None] > 0.5
 
@@ -334,7 +338,7 @@ def inference_risk(a: AuditData, max_secrets: int = 12, *, reps: int = 200, seed
     if not secrets:
         return {"skipped": "no binary/categorical columns to infer"}
     n, S = a.n_victims, len(a.synthetic)
-    parts = []  # per secret: (neighbours of members, of non-members, synthetic value, member value, non-member value)
+    nbr_m, nbr_n, val_s, val_m, val_n = [], [], [], [], []  # per secret; stacked below: [secret, ...]
     for s in secrets:
         s_idx = _col_index(a.columns, [s])
         other = [i for i in range(len(a.columns)) if i not in s_idx]
@@ -342,16 +346,24 @@ def inference_risk(a: AuditData, max_secrets: int = 12, *, reps: int = 200, seed
         def value(x, s_idx=s_idx):  # category index (one-hot) or 0/1
             return x[:, s_idx].argmax(axis=1) if len(s_idx) > 1 else (x[:, s_idx[0]] > 0.5).astype(int)
 
-        parts.append((*_neighbours(a, other, 1), value(a.synthetic), value(a.members), value(a.nonmembers)))
+        im, inn = _neighbours(a, other, 1)
+        for lst, v in zip((nbr_m, nbr_n, val_s, val_m, val_n),
+                          (im, inn, value(a.synthetic), value(a.members), value(a.nonmembers))):
+            lst.append(v)
+    nbr_m, nbr_n, val_s, val_m, val_n = map(np.stack, (nbr_m, nbr_n, val_s, val_m, val_n))
+    sec = np.arange(len(secrets))[:, None]
 
     def hits(counts: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """victims × secrets: does the nearest synthetic row of the (redrawn) set give the victim's value?"""
-        hm, hn = [], []
-        for im, inn, vs, vm, vn in parts:
-            nm, nn_ = im[i], inn[j]
-            hm.append(vs[nm[np.arange(len(i)), _first_k(nm, counts, 1).argmax(axis=1)]] == vm[i])
-            hn.append(vs[nn_[np.arange(len(j)), _first_k(nn_, counts, 1).argmax(axis=1)]] == vn[j])
-        return np.stack(hm, axis=1), np.stack(hn, axis=1)
+        """victims × secrets: does the nearest synthetic row of the (redrawn) set give the victim's value?
+        With k = 1 the nearest kept row is the first listed neighbour drawn at least once (_first_k's rule),
+        for every secret at once."""
+        out = []
+        for nbrs, vals, idx in ((nbr_m, val_m, i), (nbr_n, val_n, j)):
+            nb = nbrs[:, idx]  # [secret, victim, K]
+            first = (counts[nb] > 0).argmax(axis=2)
+            nearest = np.take_along_axis(nb, first[..., None], axis=2)[..., 0]
+            out.append((val_s[sec, nearest] == vals[:, idx]).T)
+        return out[0], out[1]
 
     def risk(hm, hn):
         ra, rc = hm.mean(), hn.mean()

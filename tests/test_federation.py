@@ -290,7 +290,7 @@ def test_insecure_mode_is_explicit_and_loud(tmp_path, capsys):
 # ---- the note model in the federation (issue 7) ------------------------------------------------------------
 
 TINY_TEXT_RC = {"models": "wgan,flow,text", "text-epochs": 1, "text-batch-size": 400, "text-d-model": 32,
-                "text-layers": 1, "text-heads": 4, "text-max-len": 96}
+                "text-layers": 1, "text-heads": 4, "text-max-len": 64}
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +367,7 @@ def test_in_process_federation_trains_the_note_model_and_releases_notes(notes_di
     assert man["model"]["models"] == ["wgan", "flow", "text"]
     assert man["model"]["text_sha256"] == man["files"]["text.safetensors"]
     assert man["model"]["tokenizer_sha256"] == man["files"]["tokenizer.json"]
-    assert json.loads((Path(s["release"]) / "tokenizer.json").read_text())["max_len"] == 96
+    assert json.loads((Path(s["release"]) / "tokenizer.json").read_text())["max_len"] == TINY_TEXT_RC["text-max-len"]
     syn = pd.read_csv(Path(s["release"]) / "synthetic.csv", keep_default_na=False)
     assert len(syn) == FAST["release-rows"] and (syn["note"].str.len() > 0).mean() > 0.5
 

@@ -1,9 +1,15 @@
 """Real Flower processes on 127.0.0.1: flower-superlink (TLS + SuperNode auth), flower-supernode per site,
 `flwr supernode register`, `flwr run`. Small models so the runs stay short on 2 cores.
 
-The killed-SuperNode test (the SuperLink notices a SIGKILLed node only after its heartbeat timeout, ~60 s;
-≈ 3 min in all on a fast 2-core machine, 6 on a slow one, with the malformed and oversized replies drilled in the same consortium) runs in `make test`: the issue asks for it there. Its twin below the minimum number of sites
-is marked slow (`make test-slow`); the same rule is tested in process in tests/test_federation.py."""
+One consortium of five SuperNodes serves the tests that `make test` runs. Every ClientApp message starts a
+fresh `flwr-clientapp` process that imports torch and Opacus (≈ 8 s of CPU on this machine), so each run is
+costly; the faults are therefore drilled together in the first run, and the second run is the restart:
+- run 1 (greedy ε 50 request, 2 rounds): site c is SIGKILLed after reserving round 1 (the SuperLink notices
+  only after its ≈ 60 s heartbeat timeout), d sends NaN weights and e an oversized report (node-config fault
+  drill); a and b finish both rounds, each capped by its own policy, and release;
+- run 2: c restarted resumes with its spent budget, and a, b and c train, audit and release together.
+Marked slow (`make test-slow`), each with an in-process twin in tests/test_federation.py: the schema mismatch,
+a killed node below the minimum number of sites, and the note model over real processes."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ E2E = {"rounds": 2, "local-epochs": 1, "batch-size": 512, "release-rows": 800, "
        "site-utility": False, "latent-dim": 16, "gen-hidden": 32, "critic-hidden": 32, "min-sites": 2,
        "expected-sites": 3, "wait-for-nodes": 60.0, "round-timeout": 300.0}
 CAPS = {"a": 3.0, "b": 3.0, "c": 2.0}
+FAULTS = {"d": ("nan-weights", "a"), "e": ("oversized", "b")}  # site: (fault injected, whose data it holds)
 
 
 def _policies(d: Path) -> dict[str, Path]:
@@ -42,6 +49,13 @@ def _start(fed: LocalConsortium, demo_dir: Path, root: Path, sites=("a", "b", "c
         fed.start_supernode(s, data_path=demo_dir / f"site_{s}.csv", site_dir=root / "sites" / s, policy_path=pol[s])
 
 
+def _start_faulty(fed: LocalConsortium, demo_dir: Path, root: Path) -> None:
+    for s, (fault, data) in FAULTS.items():
+        fed.register(s)
+        fed.start_supernode(s, data_path=demo_dir / f"site_{data}.csv", site_dir=root / "sites" / s,
+                            policy_path=root / "policy_a.toml", extra_node_config={"fault-inject": fault})
+
+
 def _run(fed: LocalConsortium, root: Path, name: str, **overrides) -> dict:
     rc = dict(E2E)
     rc.update(overrides)
@@ -53,52 +67,129 @@ def _run(fed: LocalConsortium, root: Path, name: str, **overrides) -> dict:
     return json.loads(p.read_text())
 
 
+def _wait_for(pred, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _reserved_rounds(site_dir: Path) -> int:
+    p = site_dir / "ledger.jsonl"
+    if not p.exists():
+        return 0
+    return sum(1 for line in p.read_text().splitlines() if '"event": "reserve"' in line)
+
+
+def _reserves(site_dir: Path) -> list[dict]:
+    from dpsynth.privacy.ledger import Ledger
+
+    return [e["data"] for e in Ledger(site_dir / "ledger.jsonl").entries() if e["event"] == "reserve"]
+
+
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("consortium")
     fed = LocalConsortium(root)
     try:
         _start(fed, demo_dir, root)
+        _start_faulty(fed, demo_dir, root)
         yield fed, root
     finally:
         fed.stop()
 
 
 @pytest.fixture(scope="module")
-def first_run(consortium):
+def faulty_run(consortium):
+    """Run 1: five sites; c is killed after reserving round 1, d and e send malformed replies."""
     fed, root = consortium
-    t = time.time()
-    s = _run(fed, root, "run1", epsilon=50.0)  # greedy coordinator: every site must cap it at its own policy
-    s["_seconds"] = time.time() - t
-    return s
+    holder = {}
+    # greedy coordinator: every site must cap it at its own policy
+    t = threading.Thread(target=lambda: holder.setdefault(
+        "s", _run(fed, root, "run1", epsilon=50.0, **{"expected-sites": 5})))
+    t.start()
+    try:
+        _wait_for(lambda: _reserved_rounds(root / "sites" / "c") >= 1, 300, "site c to reserve round 1")
+    finally:
+        fed.kill("supernode_c", signal.SIGKILL)
+        t.join(timeout=600)
+    assert "s" in holder, "run 1 did not finish"
+    return holder["s"]
 
 
-def test_three_sites_train_audit_and_release_over_tls_with_node_auth(consortium, first_run):
+@pytest.fixture(scope="module")
+def restart_run(consortium, faulty_run, demo_dir):
+    """Run 2: d and e stopped, c restarted on its site directory; a, b and c train, audit and release."""
+    fed, root = consortium
+    for s in FAULTS:
+        fed.stop_one(f"supernode_{s}")
+    c_spent = _reserves(root / "sites" / "c")[-1]["epsilon_after"]
+    c_steps = sum(m["steps"] for m in json.loads((root / "sites" / "c" / "state.json").read_text())["accountant"]["history"])
+    fed.start_supernode("c", data_path=demo_dir / "site_c.csv", site_dir=root / "sites" / "c",
+                        policy_path=root / "policy_c.toml")
+    s = _run(fed, root, "run2", epsilon=50.0, rounds=1)
+    return s, c_spent, c_steps
+
+
+def test_killed_and_malformed_sites_are_dropped_and_the_rest_release_over_tls_with_node_auth(consortium, faulty_run):
     from dpsynth.privacy.ledger import Ledger
     from dpsynth.release import verify_release
 
     fed, root = consortium
-    s = first_run
+    s = faulty_run
     assert s["status"] == "released", s.get("message")
+    assert sorted(s["sites"]) == ["a", "b"]
+    dropped = s["dropped_sites"]
+    assert set(dropped) == {"c", "d", "e"}
+    assert "heartbeat" in dropped["c"] or "Unavailable" in dropped["c"], dropped["c"]
+    assert "NaN" in dropped["d"] and "malformed" in dropped["d"]
+    assert "characters" in dropped["e"] and "malformed" in dropped["e"]
+    assert (root / "run1" / "consortium-ledger.jsonl").read_text().count('"site-dropped"') == 3
     man = verify_release(s["release"], root / "run1" / "keys" / "release.pub")
     sites = man["privacy"]["sites"]
-    assert set(sites) == {"a", "b", "c"}
-    for site, cap in CAPS.items():  # the site policy wins over the greedy ε = 50 request
-        assert sites[site]["epsilon"] <= cap * (1 + 1e-6)
-        assert sites[site]["cap"] == cap
+    assert set(sites) == {"a", "b"}
+    for site in ("a", "b"):  # the site policy wins over the greedy ε = 50 request
+        assert sites[site]["epsilon"] <= CAPS[site] * (1 + 1e-6) and sites[site]["cap"] == CAPS[site]
         assert man["sites"][site]["ledger_head"] == Ledger(root / "sites" / site / "ledger.jsonl").verify()
     assert man["privacy"]["consortium_epsilon"] == pytest.approx(max(v["epsilon"] for v in sites.values()))
     assert man["audit"]["verdict"] == "PASS"
-    # TLS and node authentication were on; every process has its own log
+    # the killed site's ledger is consistent and its spend (charged at reservation, before training) is on disk
+    assert Ledger(root / "sites" / "c" / "ledger.jsonl").verify()
+    assert [r["round"] for r in _reserves(root / "sites" / "c")] == [1]
+    # TLS and node authentication were on; every process has its own log; a and b went on to round 2
     cmd = (fed.logs / "superlink.log").read_text().splitlines()[0]
     assert "--enable-supernode-auth" in cmd and "--ssl-certfile" in cmd and "--insecure" not in cmd
-    for name in ("superlink", "supernode_a", "supernode_b", "supernode_c", "flwr_run", "register_a"):
+    for name in ("superlink", "supernode_a", "supernode_b", "supernode_c", "supernode_d", "flwr_run", "register_a"):
         assert (fed.logs / f"{name}.log").exists()
-    assert (root / "run1" / "logs" / "serverapp.log").exists()
-    assert "consortium ledger after round 2" in (root / "run1" / "logs" / "serverapp.log").read_text()
+    log = (root / "run1" / "logs" / "serverapp.log").read_text()
+    assert "consortium ledger after round 2" in log and "site d dropped" in log and "site e dropped" in log
+    first = _reserves(root / "sites" / "a")[:2]
+    assert [r["round"] for r in first] == [1, 2] and first[0]["run_id"] == first[1]["run_id"]
 
 
-def test_an_unregistered_node_is_refused(consortium, first_run, tmp_path):
+def test_a_restarted_site_resumes_its_budget_and_three_sites_release(consortium, restart_run):
+    from dpsynth.privacy.ledger import Ledger
+    from dpsynth.release import verify_release
+
+    _fed, root = consortium
+    s, c_spent, c_steps = restart_run
+    assert s["status"] == "released", s.get("message")
+    assert sorted(s["sites"]) == ["a", "b", "c"] and not s["dropped_sites"]
+    man = verify_release(s["release"], root / "run2" / "keys" / "release.pub")
+    sites = man["privacy"]["sites"]
+    for site, cap in CAPS.items():  # lifetime caps: run 2 adds to what run 1 spent
+        assert sites[site]["epsilon"] <= cap * (1 + 1e-6) and sites[site]["cap"] == cap
+        assert man["sites"][site]["ledger_head"] == Ledger(root / "sites" / site / "ledger.jsonl").verify()
+    assert man["audit"]["verdict"] == "PASS"
+    plans = [e["data"] for e in Ledger(root / "sites" / "c" / "ledger.jsonl").entries() if e["event"] == "plan"]
+    assert len(plans) == 2 and plans[-1]["prior_epsilon"] == pytest.approx(c_spent, rel=1e-6)
+    st = json.loads((root / "sites" / "c" / "state.json").read_text())
+    assert sum(m["steps"] for m in st["accountant"]["history"]) > c_steps
+
+
+def test_an_unregistered_node_is_refused(consortium, tmp_path):
     from deploy.certs import make_node_key
 
     fed, root = consortium
@@ -114,23 +205,24 @@ def test_an_unregistered_node_is_refused(consortium, first_run, tmp_path):
     assert "Failed to initialize the connection" in text or "2004" in text, text[-2000:]
 
 
-def test_schema_mismatch_stops_the_run_naming_the_site(consortium, first_run, demo_dir, tmp_path, schema):
+@pytest.mark.slow  # ≈ 70 s; in process: tests/test_federation.py::test_schema_mismatch_stops_before_training
+def test_schema_mismatch_stops_the_run_naming_the_site(consortium, restart_run, demo_dir, tmp_path, schema):
     fed, root = consortium
     d = schema.to_json()
     for c in d["columns"]:
         if c["name"] == "sbp":
             c["upper"] = 300.0
-    bad = tmp_path / "schema_d.json"
+    bad = tmp_path / "schema_f.json"
     bad.write_text(json.dumps(d))
-    fed.register("d")
-    fed.start_supernode("d", data_path=demo_dir / "site_a.csv", site_dir=tmp_path / "site_d",
+    fed.register("f")
+    fed.start_supernode("f", data_path=demo_dir / "site_a.csv", site_dir=tmp_path / "site_f",
                         policy_path=root / "policy_a.toml", extra_node_config={"schema-path": str(bad)})
     try:
         s = _run(fed, root, "run_mismatch", **{"expected-sites": 4})
     finally:
-        fed.stop_one("supernode_d")
+        fed.stop_one("supernode_f")
     assert s["status"] == "failed" and s["release"] is None and s["rounds_done"] == 0
-    assert "site 'd'" in s["message"] and "sbp" in s["message"]
+    assert "site 'f'" in s["message"] and "sbp" in s["message"]
     assert not (root / "run_mismatch" / "release").exists()
 
 
@@ -173,68 +265,7 @@ def test_the_note_model_travels_in_the_rounds_and_the_signed_release(tmp_path):
     assert (syn["note"].str.len() > 0).mean() > 0.5
 
 
-# ---- faults (slow: the SuperLink notices a killed SuperNode only after its heartbeat timeout) --------------
-
-def _wait_for(pred, timeout: float, what: str) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _reserved_rounds(site_dir: Path) -> int:
-    p = site_dir / "ledger.jsonl"
-    if not p.exists():
-        return 0
-    return sum(1 for line in p.read_text().splitlines() if '"event": "reserve"' in line)
-
-
-def test_killed_node_run_finishes_with_the_rest_and_restart_resumes_the_budget(tmp_path, demo_dir):
-    """Real processes. Run 1: site c is SIGKILLed after reserving round 1; the run finishes with a and b. Run 2:
-    c restarted resumes with its spent budget; two more sites join it, d sending NaN weights and e an oversized
-    report (node-config fault drill): the coordinator rejects both replies, logs why, drops d and e and
-    finishes with a, b, c. (One consortium for both faults: each real-process consortium costs about a minute.)"""
-    from dpsynth.privacy.ledger import Ledger
-
-    with LocalConsortium(tmp_path) as fed:
-        _start(fed, demo_dir, tmp_path)
-        holder = {}
-        t = threading.Thread(target=lambda: holder.setdefault("s", _run(fed, tmp_path, "run_kill", rounds=2)))
-        t.start()
-        _wait_for(lambda: _reserved_rounds(tmp_path / "sites" / "c") >= 1, 300, "site c to reserve round 1")
-        fed.kill("supernode_c", signal.SIGKILL)
-        t.join(timeout=600)
-        s = holder["s"]
-        assert s["status"] == "released", s.get("message")
-        assert set(s["sites"]) == {"a", "b"} and "c" in s["dropped_sites"]
-        # the killed site's ledger is consistent and its spend (charged at reservation) is on disk
-        head = Ledger(tmp_path / "sites" / "c" / "ledger.jsonl").verify()
-        st = json.loads((tmp_path / "sites" / "c" / "state.json").read_text())
-        spent_steps = sum(m["steps"] for m in st["accountant"]["history"])
-        assert spent_steps > 0 and head
-        # restarted, it resumes with its spent budget; d and e send malformed / oversized replies
-        fed.start_supernode("c", data_path=demo_dir / "site_c.csv", site_dir=tmp_path / "sites" / "c",
-                            policy_path=tmp_path / "policy_c.toml")
-        for s_, fault, data in (("d", "nan-weights", "a"), ("e", "oversized", "b")):
-            fed.register(s_)
-            fed.start_supernode(s_, data_path=demo_dir / f"site_{data}.csv", site_dir=tmp_path / "sites" / s_,
-                                policy_path=tmp_path / "policy_a.toml", extra_node_config={"fault-inject": fault})
-        s2 = _run(fed, tmp_path, "run_after_restart", rounds=1, **{"expected-sites": 5})
-        assert s2["status"] in ("released", "refused"), s2.get("message")
-        assert sorted(s2["sites"]) == ["a", "b", "c"]
-        dropped = s2["dropped_sites"]
-        assert set(dropped) == {"d", "e"}
-        assert "NaN" in dropped["d"] and "malformed" in dropped["d"]
-        assert "characters" in dropped["e"] and "malformed" in dropped["e"]
-        ledger = (tmp_path / "run_after_restart" / "consortium-ledger.jsonl").read_text()
-        assert ledger.count('"site-dropped"') == 2
-        plans = [e for e in Ledger(tmp_path / "sites" / "c" / "ledger.jsonl").entries() if e["event"] == "plan"]
-        assert plans[-1]["data"]["prior_epsilon"] > 0
-        st2 = json.loads((tmp_path / "sites" / "c" / "state.json").read_text())
-        assert sum(m["steps"] for m in st2["accountant"]["history"]) > spent_steps
-
+# ---- a killed node below the minimum number of sites (slow: the SuperLink waits out its heartbeat) --------
 
 @pytest.mark.slow
 def test_killed_node_below_min_sites_stops_cleanly_and_releases_nothing(tmp_path, demo_dir):

@@ -162,7 +162,8 @@ def test_bad_input_is_named(parts, nschema, schema):
 
 @pytest.fixture(scope="module")
 def tiny_lm(parts, nschema):
-    """(untrained, trained) tiny note models and their tokenizer; trained non-privately on 200 notes."""
+    """(untrained, trained) tiny note models and their tokenizer; trained non-privately on 200 notes, 12 full-batch
+    steps (measured: perplexity 1,314 untrained → 50 after 12 steps, 4 after 40; each step ≈ 0.7 s)."""
     torch.manual_seed(0)
     tok = NoteTokenizer.from_schema(nschema, max_len=96)
     cfg = TextConfig(d_model=32, layers=1, heads=4, max_len=96)
@@ -172,7 +173,7 @@ def tiny_lm(parts, nschema):
     with pytest.warns(UserWarning, match="truncated"):
         ids = torch.as_tensor(tok.encode(parts[0].iloc[:200], parts[0]["note"].iloc[:200].tolist()).ids)
     opt = torch.optim.Adam(trained.parameters(), lr=1e-2)
-    for _ in range(40):
+    for _ in range(12):
         opt.zero_grad()
         trained(ids).mean().backward()
         opt.step()

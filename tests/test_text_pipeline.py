@@ -254,8 +254,10 @@ def test_dp_model_passes_the_memorisation_checks(dp_model, ndf, nhold, tschema):
 
 
 def test_non_private_model_that_memorised_canaries_fails_the_gate(tmp_path, ndf, nhold, tschema):
-    """Positive control: no noise, 10 epochs, canaries repeated 16× — the audit must catch the memorisation."""
-    c = cfg(models=("wgan", "text"), canaries=2, text=TextConfig(**{**TINY_TEXT, "batch_size": 50}, epochs=10, lr=1e-2))
+    """Positive control: no noise, 5 epochs, canaries repeated 16× — the audit must catch the memorisation.
+    (Measured: with 5 epochs the 16× canaries already rank first of 1,000 candidates, exposure 9.97 bits, lower
+    bound 7.97 against the 4.44 asserted; 10 epochs took 15 s more for the same ranks.)"""
+    c = cfg(models=("wgan", "text"), canaries=2, text=TextConfig(**{**TINY_TEXT, "batch_size": 50}, epochs=5, lr=1e-2))
     out = tmp_path / "np"
     quiet_train(ndf, tschema, out=out, epsilon=None, non_private=True, seed=0, config=c)
     d = tmp_path / "csv"

@@ -35,6 +35,7 @@ import pandas as pd
 
 from ..errors import DataError, SchemaError
 from ..schema import Schema
+from .auc import rank_auc
 
 __all__ = [
     "MIN_CLASS",
@@ -153,16 +154,20 @@ def _conditions(schema: Schema, conditions: Sequence[str] | None) -> list[str]:
 # the classifier: TF-IDF (word 1–2 grams + character 2–4 grams) + logistic regression
 # ------------------------------------------------------------------------------------------------
 
-def _vectorizer():
+def _vectorizer(analyzers=None):
+    """``analyzers``: one callable per part (word, char) that returns a document's tokens — for documents analysed
+    once and fitted many times (``two_sample_test``'s folds); the same features as the built-in analysers."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.pipeline import FeatureUnion
 
-    return FeatureUnion([
-        ("word", TfidfVectorizer(lowercase=True, ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", min_df=2,
-                                 sublinear_tf=True, dtype=np.float32)),
-        ("char", TfidfVectorizer(lowercase=True, analyzer="char_wb", ngram_range=(2, 4), min_df=2,
-                                 sublinear_tf=True, dtype=np.float32)),
-    ])
+    specs = [("word", {"ngram_range": (1, 2), "token_pattern": r"(?u)\b\w+\b"}),
+             ("char", {"analyzer": "char_wb", "ngram_range": (2, 4)})]
+    parts = []
+    for k, (name, kw) in enumerate(specs):
+        if analyzers is not None:
+            kw = {"analyzer": analyzers[k], "token_pattern": None}
+        parts.append((name, TfidfVectorizer(lowercase=True, min_df=2, sublinear_tf=True, dtype=np.float32, **kw)))
+    return FeatureUnion(parts)
 
 
 def _logreg(seed: int):
@@ -503,12 +508,15 @@ def two_sample_test(real: Iterable, synthetic: Iterable, *, seed: int = 0, folds
     n = min(len(r), len(s), max_notes or max(len(r), len(s)))
     r = [r[i] for i in np.sort(rng.choice(len(r), n, replace=False))]
     s = [s[i] for i in np.sort(rng.choice(len(s), n, replace=False))]
-    x = np.array(r + s, dtype=object)
+    x = np.arange(2 * n)  # documents by index: each note is analysed once, not once per fold
     y = np.r_[np.zeros(n, dtype=int), np.ones(n, dtype=int)]
+    tokens = [[analyse(doc) for doc in r + s] for _, v in _vectorizer().transformer_list
+              for analyse in [v.build_analyzer()]]
+    analyzers = [lambda i, t=t: t[i] for t in tokens]
     p = np.zeros(2 * n)
     fold_aucs = []
     for tr, te in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y):
-        vec = _vectorizer()
+        vec = _vectorizer(analyzers)
         clf = _logreg(seed).fit(vec.fit_transform(x[tr].tolist()), y[tr])
         p[te] = clf.predict_proba(vec.transform(x[te].tolist()))[:, 1]
         fold_aucs.append(float(roc_auc_score(y[te], p[te])))
@@ -517,7 +525,7 @@ def two_sample_test(real: Iterable, synthetic: Iterable, *, seed: int = 0, folds
     for _ in range(n_boot):
         i = rng.integers(0, 2 * n, 2 * n)
         if y[i].min() != y[i].max():
-            boots.append(roc_auc_score(y[i], p[i]))
+            boots.append(rank_auc(p[i][y[i] == 1], p[i][y[i] == 0]))
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return {
         "description": "TF-IDF logistic regression telling real from synthetic notes, balanced subsample, "
