@@ -200,3 +200,20 @@ def test_vitals_too_few_observed_values_give_none_with_a_note(vital_schema):
     assert v3["columns"]["b"]["missing_rate_synthetic"] is None
     assert v3["correlation"]["max_abs_diff"] is None
     _walk(v3)
+
+
+def test_rank_auc_is_sklearns_roc_auc_with_ties():
+    """The bootstraps' AUC (Mann–Whitney with average ranks) equals sklearn's roc_auc_score, ties included."""
+    from sklearn.metrics import roc_auc_score
+
+    from dpsynth.metrics.auc import rank_auc
+
+    rng = np.random.default_rng(0)
+    for n1, n0, levels in ((50, 70, 5), (300, 200, None), (1, 9, 2), (40, 40, 1)):
+        draw = (lambda n: rng.integers(0, levels, n).astype(float)) if levels else (lambda n: rng.normal(size=n))
+        pos, neg = draw(n1) + (0.5 if levels is None else 0), draw(n0)
+        want = roc_auc_score(np.r_[np.ones(n1), np.zeros(n0)], np.r_[pos, neg])
+        assert rank_auc(pos, neg) == pytest.approx(want, abs=1e-12)
+    assert rank_auc([2.0, 3.0], [0.0, 1.0]) == 1.0 and rank_auc([0.0], [1.0]) == 0.0
+    with pytest.raises(ValueError):
+        rank_auc([], [1.0])
