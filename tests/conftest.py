@@ -66,8 +66,9 @@ def small_df(train_df):
 # `make test` runs two xdist workers, one test file per worker (--dist loadfile), and hands files out in collection
 # order (--no-loadscope-reorder; xdist's default order is "most tests first", which left the real-process
 # federation file, the longest by far, to start last: 15:54 on a slow 2-core machine). Longest files first, as
-# measured by `pytest --durations` (seconds on that machine): e2e ≈ 620, federation ≈ 120, audits ≈ 120,
-# note_metrics ≈ 110, text_pipeline ≈ 100, cli ≈ 70, text ≈ 65; the rest after them in their usual order.
+# measured by `pytest --durations` (seconds under two workers on that machine, 2026-11-27): e2e ≈ 500,
+# federation ≈ 220, note_metrics ≈ 165, audits ≈ 115, text_pipeline ≈ 105, cli ≈ 40, text ≈ 60; the rest after
+# them in their usual order.
 LONGEST_FIRST = ("test_federation_e2e.py", "test_federation.py", "test_audits.py", "test_note_metrics.py",
                  "test_text_pipeline.py", "test_cli.py", "test_text.py")
 

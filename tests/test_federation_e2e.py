@@ -1,15 +1,17 @@
 """Real Flower processes on 127.0.0.1: flower-superlink (TLS + SuperNode auth), flower-supernode per site,
 `flwr supernode register`, `flwr run`. Small models so the runs stay short on 2 cores.
 
-One consortium of five SuperNodes serves the tests that `make test` runs. Every ClientApp message starts a
-fresh `flwr-clientapp` process that imports torch and Opacus (≈ 8 s of CPU on this machine), so each run is
-costly; the faults are therefore drilled together in the first run, and the second run is the restart:
-- run 1 (greedy ε 50 request, 2 rounds): site c is SIGKILLed after reserving round 1 (the SuperLink notices
-  only after its ≈ 60 s heartbeat timeout), d sends NaN weights and e an oversized report (node-config fault
-  drill); a and b finish both rounds, each capped by its own policy, and release;
-- run 2: c restarted resumes with its spent budget, and a, b and c train, audit and release together.
-Marked slow (`make test-slow`), each with an in-process twin in tests/test_federation.py: the schema mismatch,
-a killed node below the minimum number of sites, and the note model over real processes."""
+One consortium serves the tests that `make test` runs. Every ClientApp message starts a fresh `flwr-clientapp`
+process that imports torch and Opacus (≈ 8 s of CPU on a slow 2-core machine), so each run is costly and the
+faults are drilled together:
+- run 0: sites a and f, whose reviewed schema widens sbp's bounds: the run stops at the plan, naming f;
+- run 1 (greedy ε 50 request, 2 rounds, five sites): c is SIGKILLed after reserving round 1 (the SuperLink
+  notices only after its ≈ 60 s heartbeat timeout), d sends NaN weights and e an oversized report (node-config
+  fault drill); a and b finish both rounds, each capped by its own policy, and release;
+- run 2: c restarted resumes with its spent budget, and a, b and c train, audit and release together;
+- an unregistered node is refused.
+Marked slow (`make test-slow`), each with an in-process twin in tests/test_federation.py: a killed node below
+the minimum number of sites, and the note model over real processes."""
 
 from __future__ import annotations
 
@@ -90,19 +92,48 @@ def _reserves(site_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def consortium(tmp_path_factory, demo_dir):
+def consortium(tmp_path_factory, demo_dir, schema):
+    """The SuperLink, site a, and site f whose reviewed schema widens sbp's bounds (for run 0); the other sites
+    join in ``mismatch_run``, after f has left."""
     root = tmp_path_factory.mktemp("consortium")
     fed = LocalConsortium(root)
     try:
-        _start(fed, demo_dir, root)
-        _start_faulty(fed, demo_dir, root)
+        pol = _policies(root)
+        d = schema.to_json()
+        for c in d["columns"]:
+            if c["name"] == "sbp":
+                c["upper"] = 300.0
+        (root / "schema_f.json").write_text(json.dumps(d))
+        fed.start_superlink()
+        for s in ("a", "f"):
+            fed.register(s)
+        fed.start_supernode("a", data_path=demo_dir / "site_a.csv", site_dir=root / "sites" / "a", policy_path=pol["a"])
+        fed.start_supernode("f", data_path=demo_dir / "site_a.csv", site_dir=root / "sites" / "f", policy_path=pol["a"],
+                            extra_node_config={"schema-path": str(root / "schema_f.json")})
         yield fed, root
     finally:
         fed.stop()
 
 
 @pytest.fixture(scope="module")
-def faulty_run(consortium):
+def mismatch_run(consortium, demo_dir):
+    """Run 0: a and f disagree on the schema, so the run stops before training. Then f leaves and b, c and the
+    two faulty sites d and e join."""
+    fed, root = consortium
+    try:
+        s = _run(fed, root, "run_mismatch", **{"expected-sites": 2})
+    finally:
+        fed.stop_one("supernode_f")
+    for site in ("b", "c"):
+        fed.register(site)
+        fed.start_supernode(site, data_path=demo_dir / f"site_{site}.csv", site_dir=root / "sites" / site,
+                            policy_path=root / f"policy_{site}.toml")
+    _start_faulty(fed, demo_dir, root)
+    return s
+
+
+@pytest.fixture(scope="module")
+def faulty_run(consortium, mismatch_run):
     """Run 1: five sites; c is killed after reserving round 1, d and e send malformed replies."""
     fed, root = consortium
     holder = {}
@@ -131,6 +162,16 @@ def restart_run(consortium, faulty_run, demo_dir):
                         policy_path=root / "policy_c.toml")
     s = _run(fed, root, "run2", epsilon=50.0, rounds=1)
     return s, c_spent, c_steps
+
+
+def test_schema_mismatch_stops_the_run_naming_the_site(consortium, mismatch_run):
+    _fed, root = consortium
+    s = mismatch_run
+    assert s["status"] == "failed" and s["release"] is None and s["rounds_done"] == 0
+    assert "site 'f'" in s["message"] and "sbp" in s["message"]
+    assert not (root / "run_mismatch" / "release").exists()
+    for site in ("a", "f"):  # nothing was reserved (spent) for the stopped run at either site
+        assert not [r for r in _reserves(root / "sites" / site) if r["run_id"] == s["run_id"]]
 
 
 def test_killed_and_malformed_sites_are_dropped_and_the_rest_release_over_tls_with_node_auth(consortium, faulty_run):
@@ -203,27 +244,6 @@ def test_an_unregistered_node_is_refused(consortium, tmp_path):
     assert p.popen.returncode not in (0, None)
     text = p.log_text()
     assert "Failed to initialize the connection" in text or "2004" in text, text[-2000:]
-
-
-@pytest.mark.slow  # ≈ 70 s; in process: tests/test_federation.py::test_schema_mismatch_stops_before_training
-def test_schema_mismatch_stops_the_run_naming_the_site(consortium, restart_run, demo_dir, tmp_path, schema):
-    fed, root = consortium
-    d = schema.to_json()
-    for c in d["columns"]:
-        if c["name"] == "sbp":
-            c["upper"] = 300.0
-    bad = tmp_path / "schema_f.json"
-    bad.write_text(json.dumps(d))
-    fed.register("f")
-    fed.start_supernode("f", data_path=demo_dir / "site_a.csv", site_dir=tmp_path / "site_f",
-                        policy_path=root / "policy_a.toml", extra_node_config={"schema-path": str(bad)})
-    try:
-        s = _run(fed, root, "run_mismatch", **{"expected-sites": 4})
-    finally:
-        fed.stop_one("supernode_f")
-    assert s["status"] == "failed" and s["release"] is None and s["rounds_done"] == 0
-    assert "site 'f'" in s["message"] and "sbp" in s["message"]
-    assert not (root / "run_mismatch" / "release").exists()
 
 
 @pytest.mark.slow  # ~80-100 s; make test keeps the in-process twin (tests/test_federation.py) under the 15-min budget
