@@ -252,6 +252,15 @@ def _first_k(nbrs: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
     return np.clip(k - (np.cumsum(c, axis=1) - c), 0, c)
 
 
+def _nearest_drawn(nbrs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_first_k``'s rule for k = 1 without its cumulative sums: along the last axis (a victim's listed
+    neighbours, nearest first), the first neighbour drawn at least once, and whether any was (if none was, the
+    first listed one is returned and the flag is False)."""
+    drawn = counts[nbrs] > 0
+    first = drawn.argmax(axis=-1)
+    return np.take_along_axis(nbrs, first[..., None], axis=-1)[..., 0], drawn.any(axis=-1)
+
+
 def _redraw(rng: np.random.Generator, s: int) -> np.ndarray:
     """Multiplicities of a bootstrap redraw of s synthetic rows."""
     return rng.multinomial(s, np.full(s, 1.0 / s))
@@ -285,10 +294,9 @@ def attribute_inference(a: AuditData, quasi_identifiers: list[str] | None = None
 
     def predict(nbrs: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Majority vote of the k nearest synthetic rows of the (redrawn) synthetic set."""
-        if k == 1:  # the first listed neighbour drawn at least once (_first_k's rule without the [n, K, t] product)
-            drawn = counts[nbrs] > 0
-            nearest = nbrs[np.arange(len(nbrs)), drawn.argmax(axis=1)]
-            return (syn_t[nearest] > 0.5) & drawn.any(axis=1)[:, None]
+        if k == 1:  # the same vote without the [n, K, t] product
+            nearest, any_drawn = _nearest_drawn(nbrs, counts)
+            return (syn_t[nearest] > 0.5) & any_drawn[:, None]
         take = _first_k(nbrs, counts, k)
         return (take[:, :, None] * syn_t[nbrs]).sum(axis=1) / np.maximum(take.sum(axis=1), 1)[:, None] > 0.5
 
@@ -355,13 +363,10 @@ def inference_risk(a: AuditData, max_secrets: int = 12, *, reps: int = 200, seed
 
     def hits(counts: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """victims × secrets: does the nearest synthetic row of the (redrawn) set give the victim's value?
-        With k = 1 the nearest kept row is the first listed neighbour drawn at least once (_first_k's rule),
-        for every secret at once."""
+        (every secret at once: the neighbour arrays are [secret, victim, K])"""
         out = []
         for nbrs, vals, idx in ((nbr_m, val_m, i), (nbr_n, val_n, j)):
-            nb = nbrs[:, idx]  # [secret, victim, K]
-            first = (counts[nb] > 0).argmax(axis=2)
-            nearest = np.take_along_axis(nb, first[..., None], axis=2)[..., 0]
+            nearest, _ = _nearest_drawn(nbrs[:, idx], counts)
             out.append((val_s[sec, nearest] == vals[:, idx]).T)
         return out[0], out[1]
 

@@ -510,8 +510,8 @@ def two_sample_test(real: Iterable, synthetic: Iterable, *, seed: int = 0, folds
     s = [s[i] for i in np.sort(rng.choice(len(s), n, replace=False))]
     x = np.arange(2 * n)  # documents by index: each note is analysed once, not once per fold
     y = np.r_[np.zeros(n, dtype=int), np.ones(n, dtype=int)]
-    tokens = [[analyse(doc) for doc in r + s] for _, v in _vectorizer().transformer_list
-              for analyse in [v.build_analyzer()]]
+    tokens = [[analyse(doc) for doc in r + s]
+              for analyse in (v.build_analyzer() for _, v in _vectorizer().transformer_list)]
     analyzers = [lambda i, t=t: t[i] for t in tokens]
     p = np.zeros(2 * n)
     fold_aucs = []
