@@ -47,7 +47,7 @@ demo-federated: $(STAMP)
 # first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order). --durations: the slowest tests
 # go into the log (CI's budget is 15 min on 2 cores)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=20
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -366,8 +366,8 @@ def inference_risk(a: AuditData, max_secrets: int = 12, *, reps: int = 200, seed
         (every secret at once: the neighbour arrays are [secret, victim, K])"""
         out = []
         for nbrs, vals, idx in ((nbr_m, val_m, i), (nbr_n, val_n, j)):
-            nearest, _ = _nearest_drawn(nbrs[:, idx], counts)
-            out.append((val_s[sec, nearest] == vals[:, idx]).T)
+            nearest, _ = _nearest_drawn(nbrs, counts)  # every victim once, then the resampled ones (no copy
+            out.append((val_s[sec, nearest] == vals)[:, idx].T)  # of the [secret, victim, K] array per replicate)
         return out[0], out[1]
 
     def risk(hm, hn):

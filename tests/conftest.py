@@ -1,12 +1,21 @@
 import os
 import warnings
 
-import pandas as pd
-import pytest
-import torch
+# One thread per test process, set before numpy, scikit-learn or torch load their thread pools. `make test` runs
+# three workers on two cores beside the real-process consortium's subprocesses (also one thread each:
+# deploy/local.py); with OpenMP/BLAS pools of two threads per process the oversubscribed pools spin at their
+# barriers, and the tests that call scikit-learn's neighbour searches in a loop ran ≈ 4× slower.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
+threadpool_limits(1)  # pools already loaded by a plugin before this file
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
 

@@ -82,13 +82,17 @@ def test_every_result_has_value_ci_baseline_and_no_per_record_distances(independ
     json.dumps(independent_audit)  # serialisable
 
 
-def test_dp_facts_are_required(frames, schema):
-    tr, ho = frames
-    half = len(ho) // 2
-    res = run_audit(tr, ho.iloc[:half], ho.iloc[half:], schema, dp=None, policy=_small())
-    assert "dp.differentially_private" in res["gate"]["failed"]
-    res = run_audit(tr, ho.iloc[:half], ho.iloc[half:], schema, dp={**DP, "epsilon": 50.0}, policy=_small())
-    assert res["gate"]["failed"] == ["dp.epsilon"]
+def test_dp_facts_are_required(independent_audit):
+    """The gate on the passing audit's own attack results (run_audit hands them to ``decide`` with the model's DP
+    facts; rerunning the attacks would only give the same results): no DP facts, or an ε over the policy's
+    maximum, and the release is refused for that alone."""
+    from audits.gate import decide
+
+    at = independent_audit["attacks"]
+    assert independent_audit["gate"]["verdict"] == "PASS" and decide(at, DP, _small())["verdict"] == "PASS"
+    assert "dp.differentially_private" in decide(at, None, _small())["failed"]
+    assert "dp.differentially_private" in decide(at, {**DP, "differentially_private": False}, _small())["failed"]
+    assert decide(at, {**DP, "epsilon": 50.0}, _small())["failed"] == ["dp.epsilon"]
 
 
 def test_policy_file_overrides_and_rejects_unknown_keys(tmp_path):

@@ -232,6 +232,16 @@ def test_malformed_weights_from_one_site_are_rejected_and_the_run_goes_on(demo_d
     assert set(s["sites"]) == {"a", "b"} and "NaN" in s["dropped_sites"]["c"]
     log = (tmp_path / "run" / "logs" / "serverapp.log").read_text()
     assert "site c dropped" in log and "NaN" in log
+    # the run goes on without c: a and b train round 2, c is not asked again (its spend stops at round 1)
+    assert "consortium ledger after round 2" in log
+
+    def rounds(site):
+        from dpsynth.privacy.ledger import Ledger
+
+        return [e["data"]["round"] for e in Ledger(tmp_path / "sites" / site / "ledger.jsonl").entries()
+                if e["event"] == "reserve"]
+
+    assert rounds("a") == rounds("b") == [1, 2] and rounds("c") == [1]
 
 
 def test_schema_mismatch_stops_before_training(demo_dir, tmp_path, schema):

@@ -5,9 +5,10 @@ One consortium serves the tests that `make test` runs. Every ClientApp message s
 process that imports torch and Opacus (≈ 8 s of CPU on a slow 2-core machine), so each run is costly and the
 faults are drilled together:
 - run 0: sites a and f, whose reviewed schema widens sbp's bounds: the run stops at the plan, naming f;
-- run 1 (greedy ε 50 request, 2 rounds, five sites): c is SIGKILLed after reserving round 1 (the SuperLink
+- run 1 (greedy ε 50 request, one round, five sites): c is SIGKILLed after reserving round 1 (the SuperLink
   notices only after its ≈ 60 s heartbeat timeout), d sends NaN weights and e an oversized report (node-config
-  fault drill); a and b finish both rounds, each capped by its own policy, and release;
+  fault drill); a and b finish the round, each capped by its own policy, and release (that the survivors go
+  on to a next round is checked in process: tests/test_federation.py, the malformed-weights run);
 - run 2: c restarted resumes with its spent budget, and a, b and c train, audit and release together;
 - an unregistered node is refused.
 Marked slow (`make test-slow`), each with an in-process twin in tests/test_federation.py: a killed node below
@@ -134,12 +135,12 @@ def mismatch_run(consortium, demo_dir):
 
 @pytest.fixture(scope="module")
 def faulty_run(consortium, mismatch_run):
-    """Run 1: five sites; c is killed after reserving round 1, d and e send malformed replies."""
+    """Run 1: five sites, one round; c is killed after reserving it, d and e send malformed replies."""
     fed, root = consortium
     holder = {}
     # greedy coordinator: every site must cap it at its own policy
     t = threading.Thread(target=lambda: holder.setdefault(
-        "s", _run(fed, root, "run1", epsilon=50.0, **{"expected-sites": 5})))
+        "s", _run(fed, root, "run1", epsilon=50.0, rounds=1, **{"expected-sites": 5})))
     t.start()
     try:
         _wait_for(lambda: _reserved_rounds(root / "sites" / "c") >= 1, 300, "site c to reserve round 1")
@@ -199,15 +200,15 @@ def test_killed_and_malformed_sites_are_dropped_and_the_rest_release_over_tls_wi
     # the killed site's ledger is consistent and its spend (charged at reservation, before training) is on disk
     assert Ledger(root / "sites" / "c" / "ledger.jsonl").verify()
     assert [r["round"] for r in _reserves(root / "sites" / "c")] == [1]
-    # TLS and node authentication were on; every process has its own log; a and b went on to round 2
+    # TLS and node authentication were on; every process has its own log
     cmd = (fed.logs / "superlink.log").read_text().splitlines()[0]
     assert "--enable-supernode-auth" in cmd and "--ssl-certfile" in cmd and "--insecure" not in cmd
     for name in ("superlink", "supernode_a", "supernode_b", "supernode_c", "supernode_d", "flwr_run", "register_a"):
         assert (fed.logs / f"{name}.log").exists()
     log = (root / "run1" / "logs" / "serverapp.log").read_text()
-    assert "consortium ledger after round 2" in log and "site d dropped" in log and "site e dropped" in log
-    first = _reserves(root / "sites" / "a")[:2]
-    assert [r["round"] for r in first] == [1, 2] and first[0]["run_id"] == first[1]["run_id"]
+    assert "consortium ledger after round 1" in log and "site d dropped" in log and "site e dropped" in log
+    for site in ("a", "b"):
+        assert [r["round"] for r in _reserves(root / "sites" / site) if r["run_id"] == s["run_id"]] == [1]
 
 
 def test_a_restarted_site_resumes_its_budget_and_three_sites_release(consortium, restart_run):
