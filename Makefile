@@ -25,8 +25,9 @@ setup: $(STAMP)
 # (below), for the modules actually used, instead of all of torch's.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile torch==2.13.0 uv
-	VIRTUAL_ENV=$(abspath $(VENV)) UV_LINK_MODE=copy $(BIN)/uv pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-compile torch==2.13.0
+	$(BIN)/pip install -q uv && VIRTUAL_ENV=$(abspath $(VENV)) UV_LINK_MODE=copy $(BIN)/uv pip install -q -e '.[test]' \
+	  || { echo "uv unavailable or failed: installing with pip (slower)"; $(BIN)/pip install -q -e '.[test]'; }
 	touch $(STAMP)
 
 # The main job: the NAFLD cohort split into 3 hospitals on 127.0.0.1 — flower-superlink + 3 flower-supernode

@@ -8,10 +8,10 @@ import warnings
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
+import pandas as pd
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
@@ -72,12 +72,13 @@ def small_df(train_df):
     return train_df.iloc[:2048].reset_index(drop=True)
 
 
-# `make test` runs two xdist workers, one test file per worker (--dist loadfile), and hands files out in collection
-# order (--no-loadscope-reorder; xdist's default order is "most tests first", which left the real-process
+# `make test` runs three xdist workers, one test file per worker (--dist loadfile), and hands files out in
+# collection order (--no-loadscope-reorder; xdist's default order is "most tests first", which left the real-process
 # federation file, the longest by far, to start last: 15:54 on a slow 2-core machine). Longest files first, as
 # measured by `pytest --durations` (seconds under two workers on that machine, 2026-11-27): e2e ≈ 500,
 # federation ≈ 220, note_metrics ≈ 165, audits ≈ 115, text_pipeline ≈ 105, cli ≈ 40, text ≈ 60; the rest after
-# them in their usual order.
+# them in their usual order. Under three workers (2026-11-27, fresh clone) the e2e file takes ≈ 490 s, mostly
+# waiting on Flower, while the other two workers run everything else.
 LONGEST_FIRST = ("test_federation_e2e.py", "test_federation.py", "test_audits.py", "test_note_metrics.py",
                  "test_text_pipeline.py", "test_cli.py", "test_text.py")
 
