@@ -46,9 +46,9 @@ demo-federated: $(STAMP)
 # three workers on the machine's 2 cores (every test process runs one thread: tests/conftest.py), one test file
 # per worker so that the real-process consortium fixture is started once. That consortium's worker mostly waits
 # (Flower heartbeats, message round trips), so a third worker fills its idle core. From a fresh clone on one slow
-# machine (2026-11-27): pytest 10:35, 11:18 with set-up, where two workers with two-thread pools took 15:33 / 16:26. Files go out longest first (tests/conftest.py:
-# LONGEST_FIRST; --no-loadscope-reorder keeps that order). --durations: the slowest tests go into the log (CI's
-# budget is 15 min on 2 cores)
+# machine (2026-11-27): pytest 10:35, 11:18 with set-up, where two workers with two-thread pools took 15:33 /
+# 16:26. Files go out longest first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order).
+# --durations: the slowest tests go into the log (CI's budget is 15 min on 2 cores)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=20
 

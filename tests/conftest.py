@@ -35,6 +35,15 @@ FEDERATION_TEST_POLICY = ('version = 1\nname = "federation-tests"\n[thresholds]\
                           '[audit]\nfalse_refusal_rate = 0.001\n')
 
 
+def ledger_reserves(site_dir) -> list[dict]:
+    """The ``reserve`` entries' data in a site's ledger (one per round a run reserved there), oldest first."""
+    from pathlib import Path
+
+    from dpsynth.privacy.ledger import Ledger
+
+    return [e["data"] for e in Ledger(Path(site_dir) / "ledger.jsonl").entries() if e["event"] == "reserve"]
+
+
 def federation_test_policy(d) -> str:
     from pathlib import Path
 

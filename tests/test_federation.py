@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import federation_test_policy as _test_policy
+from conftest import ledger_reserves
 import torch
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -234,14 +235,8 @@ def test_malformed_weights_from_one_site_are_rejected_and_the_run_goes_on(demo_d
     assert "site c dropped" in log and "NaN" in log
     # the run goes on without c: a and b train round 2, c is not asked again (its spend stops at round 1)
     assert "consortium ledger after round 2" in log
-
-    def rounds(site):
-        from dpsynth.privacy.ledger import Ledger
-
-        return [e["data"]["round"] for e in Ledger(tmp_path / "sites" / site / "ledger.jsonl").entries()
-                if e["event"] == "reserve"]
-
-    assert rounds("a") == rounds("b") == [1, 2] and rounds("c") == [1]
+    rounds = {site: [r["round"] for r in ledger_reserves(tmp_path / "sites" / site)] for site in "abc"}
+    assert rounds == {"a": [1, 2], "b": [1, 2], "c": [1]}
 
 
 def test_schema_mismatch_stops_before_training(demo_dir, tmp_path, schema):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import federation_test_policy as _test_policy
+from conftest import ledger_reserves as _reserves
 
 from deploy.local import LocalConsortium
 
@@ -84,12 +85,6 @@ def _reserved_rounds(site_dir: Path) -> int:
     if not p.exists():
         return 0
     return sum(1 for line in p.read_text().splitlines() if '"event": "reserve"' in line)
-
-
-def _reserves(site_dir: Path) -> list[dict]:
-    from dpsynth.privacy.ledger import Ledger
-
-    return [e["data"] for e in Ledger(site_dir / "ledger.jsonl").entries() if e["event"] == "reserve"]
 
 
 @pytest.fixture(scope="module")
