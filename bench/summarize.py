@@ -56,6 +56,15 @@ def main() -> None:
               f"Makefile's {', '.join(f'{k}={v}' for k, v in d['settings'].items())}: {t['seconds_per_step']:.1f} s, "
               f"{t['kernel_s']:.0f} s in the kernel → **{d['speedup']:.2f}×** faster; peak RSS {g['peak_rss_mb']:.0f} → "
               f"{t['peak_rss_mb']:.0f} MB.\n")
+    d = load("note_step")
+    if d:
+        v = d["variants"]
+        cells = [f"{k.replace('_', ' ')} {r['seconds_per_step']:.1f} s, {r['peak_rss_mb']:.0f} MB"
+                 + (f" ({d['speedup_vs_baseline'][k]:.2f}×)" if k != d["baseline"] else "") for k, r in v.items()]
+        r0 = next(iter(v.values()))
+        print(f"**`bench/note_step.py`** — one DP step of the default note model (batch {r0['batch']}, mean of "
+              f"{r0['steps']} steps, 2 threads, {d['environment']['time_utc'][:10]}), seconds and peak RSS by Opacus mode "
+              f"and length chunks (speed-up against {d['baseline']} in the same run): {'; '.join(cells)}.\n")
     s = load("audit_speed")
     if s:
         parts = []

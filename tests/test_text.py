@@ -300,9 +300,12 @@ def test_dp_text_step_with_no_noise_and_no_clipping_equals_plain_step(tok, train
     torch.manual_seed(3)
     ids = torch.from_numpy(encoded(tok, train_df.iloc[:512], notes.iloc[:512]).ids)
     B = 64
-    base = NoteLM.for_tokenizer(tok, SMALL)
+    # no condition dropout: hooks mode cuts the batch into length-sorted chunks (TextConfig.length_chunks), which
+    # draws the dropout per chunk in another order than one pass over the batch
+    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0))
+    assert mode == "ghost" or base.config.length_chunks > 1
     plain = copy.deepcopy(base)
-    torch.manual_seed(11)  # the same condition dropout draws in both steps
+    torch.manual_seed(11)
     text_step(model=plain, optimizer=torch.optim.SGD(plain.parameters(), lr=0.05), criterion=None, batch=(ids[:B],),
               private=False)
     dp = copy.deepcopy(base)
@@ -399,6 +402,47 @@ def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, trai
         model, opt, crit, _ = _private(m, ids, B, C=C, lr=0.1, mode=mode)
         text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
         torch.testing.assert_close(flat(m), want, rtol=1e-4, atol=1e-6)
+
+
+def test_length_chunks_give_the_same_noisy_step_as_one_pass(tok, train_df, notes):
+    """Hooks mode, σ = 1 with the same seeded noise: a Poisson batch cut into length-sorted chunks (each trimmed to
+    its own longest note) ends in the same weights as one pass over the whole padded batch — the clipped
+    per-patient gradients are summed over the chunks, the noise is drawn once and scaled by the expected batch
+    size. A noise draw per chunk, or a division per chunk, would move the weights elsewhere."""
+    torch.manual_seed(9)
+    B = 40
+    cut = notes.iloc[: 4 * B].copy()  # notes of 10–70 bytes: the chunks are trimmed to different lengths
+    cut[:] = [n[: 10 + (7 * i) % 61] for i, n in enumerate(cut)]
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[: 4 * B], cut).ids)
+    lengths = (ids[:B] != PAD).sum(dim=1)
+    assert lengths.max() - lengths.min() > 40
+    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=1))
+    with torch.no_grad():
+        base.cond_out.weight.normal_(0, 0.5)
+    C = 0.05  # most patients clipped
+    after = {}
+    for k in (1, 3, 7):
+        m = copy.deepcopy(base)
+        m.config = replace(m.config, length_chunks=k)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids[: 4 * B]), batch_size=B)
+        model, opt, crit, _ = make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
+                                                loader=loader, noise_multiplier=1.0, max_grad_norm=C,
+                                                noise_generator=torch.Generator().manual_seed(5))
+        assert crit is None  # hooks mode, from the config
+        loss = text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
+        after[k] = (flat(m).clone(), loss)
+    moved = (after[1][0] - flat(base)).norm().item()
+    assert moved > 0
+    for k in (3, 7):
+        torch.testing.assert_close(after[k][0], after[1][0], rtol=1e-4, atol=1e-6)
+        assert after[k][1] == pytest.approx(after[1][1], rel=1e-5)  # the batch's mean NLL, over all chunks
+
+
+def test_text_config_rejects_an_unknown_grad_sample_mode_and_bad_chunks():
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        TextConfig(grad_sample_mode="functorch")
+    with pytest.raises(ValueError, match="length_chunks"):
+        TextConfig(length_chunks=0)
 
 
 def test_flat_clipping_when_the_path_share_is_zero(tok, train_df, notes):

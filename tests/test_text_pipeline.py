@@ -80,12 +80,12 @@ TWO_GROUP_CALLS: list[dict] = []
 
 
 def test_the_chained_fit_clips_the_note_model_in_two_groups(dp_model):
-    """The fit's note model goes through make_private_text's two-group clipping (once, ghost mode, the whole
-    path, the configured share and the fit's clipping norm)."""
+    """The fit's note model goes through make_private_text's two-group clipping (once, in the configured Opacus
+    mode, the whole path, the configured share and the fit's clipping norm)."""
     _, res = dp_model
     assert len(TWO_GROUP_CALLS) == 1
     call = TWO_GROUP_CALLS[0]
-    assert call["mode"] == "ghost" and call["path"] == call["path_parameters"] == 3  # table, gate weight and bias
+    assert call["mode"] == TextConfig().grad_sample_mode == "hooks" and call["path"] == call["path_parameters"] == 3  # table, gate weight and bias
     assert call["share"] == TextConfig().cond_clip_share and call["C"] == res.manifest["privacy"]["models"]["text"]["max_grad_norm"]
 
 

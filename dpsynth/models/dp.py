@@ -51,9 +51,13 @@ def make_private(*, module, optimizer, criterion: nn.Module, loader, noise_multi
 
 
 def empty_batch_step(module, optimizer) -> float:
-    """An empty Poisson batch still takes its step: zero gradient, and the DP optimizer adds the noise."""
+    """An empty Poisson batch still takes its step: zero gradient, and the DP optimizer adds the noise. In hooks
+    mode the optimizer reads per-sample gradients: an empty [0, …] one per parameter, as a forward and backward
+    pass over no patients would leave (Opacus then clips nothing and adds the noise)."""
     for p in module.parameters():
         p.grad = torch.zeros_like(p)
+        if p.requires_grad and hasattr(p, "grad_sample"):
+            p.grad_sample = p.new_zeros((0, *p.shape))
     optimizer.step()
     return float("nan")
 

@@ -96,7 +96,15 @@ computation is identical, only PAD columns are dropped).
 Measured on the 2-core development machine, Poisson batch ≈ 256 rendered NAFLD notes, DP ghost clipping, seconds
 per step: byte tokens, d_model 64, max_len 256: 4.8 with Opacus' embedding norm sampler, 1.76 with
 ``SeqEmbedding``; word pieces, max_len 128: 0.84 (hooks mode was 3.55 against 4.8 before ``SeqEmbedding``).
-Ghost is the house default; ``make_private_text`` takes either.
+
+Opacus mode and length chunks (``TextConfig.grad_sample_mode``, ``length_chunks``). At the demo's batch of 768
+word-piece notes the vocabulary-wide layers dominate (output head 64 × 1,119, condition path 80 × 1,119), and ghost
+clipping's second backward pass through them costs more than instantiating the per-sample gradients once. The
+default is therefore hooks mode (one backward pass, per-sample gradients) on length-sorted chunks of the Poisson
+batch, each trimmed to its own longest note; the chunks' clipped gradients are summed and the noise is drawn once
+per batch (``text_step``). bench/note_step.py, one DP step on 2 cores, same run (results/note_step.json): ghost
+8.4 s and 5.6 GB peak, hooks 6.7 s, hooks with 8 chunks 5.1 s and 1.3 GB (1.64×). ``make_private_text`` still
+takes either mode.
 """
 
 from __future__ import annotations
@@ -633,6 +641,22 @@ class TextConfig:
     # consistency 0.743 (0.734–0.759) against 0.728 (0.702–0.748), holdout perplexity 8.3 against 8.7. Default since
     # 2026-11-27
     cond_prior_bands: bool = True
+    # how Opacus gets each patient's gradient norm (models.text.make_private_text). "hooks": per-sample gradients
+    # from one backward pass; "ghost": per-sample norms only, but two backward passes. Both clip the same per-patient
+    # gradient to C and add the same noise (tested against a per-patient reference in both modes), so the choice moves
+    # time and memory, not the privacy. At the demo's batch of 768 notes the vocabulary-wide layers (output head,
+    # condition path) make ghost's second backward pass the dearer: one DP step on 2 cores (bench/note_step.py) took
+    # 8.4 s in ghost mode, 6.7 s in hooks mode without chunks. Ghost remains for models too large for per-sample
+    # gradients
+    grad_sample_mode: str = "hooks"
+    # hooks mode only: a Poisson batch is sorted by note length and cut into this many chunks, each trimmed to its own
+    # longest note, and their clipped per-patient gradients are summed before the one noise draw of the step (Opacus'
+    # virtual steps: DPOptimizer.signal_skip_step). The sum is the same as one pass over the whole batch padded to its
+    # longest note (no privacy effect: same per-patient gradients, same clipping, one noise draw per Poisson batch);
+    # 8 chunks compute ≈ 35 % fewer padded positions (the demo's notes: 75 tokens on average, 128 at most) and hold an
+    # eighth of the per-sample gradients at a time: 5.1 s per step and 1.3 GB peak against 6.7 s and 5.2 GB without
+    # chunks, 5.9 s and 2.0 GB with 4 (bench/note_step.py, one run). 1: no chunks
+    length_chunks: int = 8
 
     def __post_init__(self):
         if self.d_model % self.heads:
@@ -646,6 +670,10 @@ class TextConfig:
             raise ValueError(f"cond_clip_share must be in [0, 1), got {self.cond_clip_share}")
         if not self.cond_prior >= 0:
             raise ValueError(f"cond_prior must be ≥ 0, got {self.cond_prior}")
+        if self.grad_sample_mode not in ("hooks", "ghost"):
+            raise ValueError(f"grad_sample_mode must be 'hooks' or 'ghost', got {self.grad_sample_mode!r}")
+        if not (isinstance(self.length_chunks, int) and self.length_chunks >= 1):
+            raise ValueError(f"length_chunks must be an integer ≥ 1, got {self.length_chunks!r}")
         if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.repetition >= 0):
             raise ValueError(f"temperature and repetition must be ≥ 0 and top_p in (0, 1], got {self.temperature}, "
                              f"{self.repetition}, {self.top_p}")
@@ -859,18 +887,35 @@ def _trim(ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
 
 def text_step(*, model, optimizer, criterion, batch, private: bool) -> float:
     """One (DP when ``private``) step on a Poisson batch of padded sequences (a tensor or a 1-tuple from a
-    TensorDataset loader). Returns the batch's mean per-patient NLL (nats per token)."""
+    TensorDataset loader). Returns the batch's mean per-patient NLL (nats per token).
+
+    In hooks mode (criterion None) with ``TextConfig.length_chunks`` k > 1, the batch is sorted by length and cut
+    into k chunks, each trimmed to its own longest sequence; each chunk's per-patient gradients are clipped and
+    added to the step's sum (Opacus' skipped steps), and only the last chunk's ``step`` adds the noise and updates
+    the weights — one noise draw per Poisson batch, scaled by the expected batch size as without chunks."""
     ids = batch[0] if isinstance(batch, (tuple, list)) else batch
     optimizer.zero_grad(set_to_none=False)
     if ids.shape[0] == 0:
         return empty_batch_step(model, optimizer)
-    prefix_len = (model._module if hasattr(model, "_module") else model).prefix_len
+    plain = _plain(model)
+    k = plain.config.length_chunks
+    if private and criterion is None and k > 1 and ids.shape[0] > 1 and hasattr(optimizer, "signal_skip_step"):
+        chunks = ids[(ids != PAD).sum(dim=1).argsort(stable=True)].tensor_split(min(k, ids.shape[0]))
+        total = 0.0
+        for i, chunk in enumerate(chunks):
+            if i:  # drops the last chunk's per-sample gradients; the clipped sum is kept (that step was skipped)
+                optimizer.zero_grad(set_to_none=False)
+            optimizer.signal_skip_step(i < len(chunks) - 1)
+            total += backward_and_step(model(_trim(chunk, plain.prefix_len)), criterion=None, optimizer=optimizer,
+                                       private=private) * len(chunk)
+        return total / ids.shape[0]
     # ghost clipping: the criterion wraps the [B] per-patient losses; hooks mode (criterion None): the plain mean
-    return backward_and_step(model(_trim(ids, prefix_len)), criterion=criterion, optimizer=optimizer, private=private)
+    return backward_and_step(model(_trim(ids, plain.prefix_len)), criterion=criterion, optimizer=optimizer,
+                             private=private)
 
 
 def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_grad_norm: float, noise_generator,
-                      grad_sample_mode: str = "ghost"):
+                      grad_sample_mode: str | None = None):
     """Opacus wiring for the note model: per-patient clipping, Poisson sampling (q = 1/len(loader)).
 
     The loader must yield 1-tuples of int64 [B, max_len] sequences (a TensorDataset of ``EncodedNotes.ids``).
@@ -882,6 +927,7 @@ def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_
     With the condition → vocabulary path and ``TextConfig.cond_clip_share`` s > 0, clipping is two-group: a
     patient's gradient on the path's parameters is clipped to C·√s and on all the others to C·√(1 − s), so its
     whole gradient has norm ≤ C = ``max_grad_norm`` and the Gaussian noise σ·C is calibrated as before."""
+    grad_sample_mode = grad_sample_mode or model.config.grad_sample_mode
     out = make_private(module=model, optimizer=optimizer, criterion=PerSampleLoss(), loader=loader,
                        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_generator=noise_generator,
                        grad_sample_mode=grad_sample_mode)
@@ -918,16 +964,24 @@ def _two_group_clipping(model: NoteLM, module, optimizer, mode: str, path: set[i
 
         module.get_clipping_coef = get_clipping_coef
         return
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
     flat_clip = optimizer.clip_and_accumulate
 
     def clip_and_accumulate() -> None:
-        if len(optimizer.grad_samples[0]):
-            gs = {p: optimizer._get_flat_grad_sample(p) for p in optimizer.params}
-            a, b = coefficients([(p, g.reshape(len(g), -1).pow(2).sum(1)) for p, g in gs.items()])
-            for p, g in gs.items():
-                c = b if id(p) in path else a
-                p.grad_sample = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
-        flat_clip()
+        """Opacus' DPOptimizer.clip_and_accumulate with one coefficient per group: each parameter's per-sample
+        gradients are read once for their norms and once for the clipped sum (Opacus' flat clipping at C would read
+        them three more times and change nothing: c_A·g_A and c_P·g_P already have norm ≤ C together)."""
+        gs = optimizer.grad_samples
+        if not len(gs[0]):
+            flat_clip()  # empty Poisson batch: Opacus' own zero contribution
+            return
+        a, b = coefficients([(p, g.reshape(len(g), -1).pow(2).sum(1)) for p, g in zip(optimizer.params, gs)])
+        for p, g in zip(optimizer.params, gs):
+            _check_processed_flag(p.grad_sample)
+            grad = torch.einsum("i,i...", (b if id(p) in path else a).to(g.dtype), g)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
 
     optimizer.clip_and_accumulate = clip_and_accumulate
 
