@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from note_step import run_one, workload  # noqa: E402  (the DP note step both benchmarks time)
+from note_step import run_one, workload  # the DP note step both benchmarks time
 
 TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}  # the Makefile's exports
 
