@@ -103,8 +103,8 @@ clipping's second backward pass through them costs more than instantiating the p
 default is therefore hooks mode (one backward pass, per-sample gradients) on length-sorted chunks of the Poisson
 batch, each trimmed to its own longest note; the chunks' clipped gradients are summed and the noise is drawn once
 per batch (``text_step``). bench/note_step.py, one DP step on 2 cores, same run (results/note_step.json): ghost
-8.4 s and 5.6 GB peak, hooks 6.7 s, hooks with 8 chunks 5.1 s and 1.3 GB (1.64×). ``make_private_text`` still
-takes either mode.
+9.7 s and 5.3 GB peak, hooks 7.2 s, hooks with 4 chunks 4.8 s, with 8 chunks 4.6 s and 1.6 GB (2.1×); a first run
+gave 8.4 / 6.7 / 5.9 / 5.1 s. ``make_private_text`` still takes either mode.
 """
 
 from __future__ import annotations
@@ -646,7 +646,7 @@ class TextConfig:
     # gradient to C and add the same noise (tested against a per-patient reference in both modes), so the choice moves
     # time and memory, not the privacy. At the demo's batch of 768 notes the vocabulary-wide layers (output head,
     # condition path) make ghost's second backward pass the dearer: one DP step on 2 cores (bench/note_step.py) took
-    # 8.4 s in ghost mode, 6.7 s in hooks mode without chunks. Ghost remains for models too large for per-sample
+    # 9.7 s in ghost mode, 7.2 s in hooks mode without chunks. Ghost remains for models too large for per-sample
     # gradients
     grad_sample_mode: str = "hooks"
     # hooks mode only: a Poisson batch is sorted by note length and cut into this many chunks, each trimmed to its own
@@ -654,8 +654,8 @@ class TextConfig:
     # virtual steps: DPOptimizer.signal_skip_step). The sum is the same as one pass over the whole batch padded to its
     # longest note (no privacy effect: same per-patient gradients, same clipping, one noise draw per Poisson batch);
     # 8 chunks compute ≈ 35 % fewer padded positions (the demo's notes: 75 tokens on average, 128 at most) and hold an
-    # eighth of the per-sample gradients at a time: 5.1 s per step and 1.3 GB peak against 6.7 s and 5.2 GB without
-    # chunks, 5.9 s and 2.0 GB with 4 (bench/note_step.py, one run). 1: no chunks
+    # eighth of the per-sample gradients at a time: 4.6 s per step and 1.6 GB peak against 7.2 s and 5.7 GB without
+    # chunks, 4.8 s and 2.0 GB with 4 (bench/note_step.py, results/note_step.json). 1: no chunks
     length_chunks: int = 8
 
     def __post_init__(self):
