@@ -123,7 +123,8 @@ def main() -> None:
     def m(x, d=3):
         return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
 
-    for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4", "notes_prior_eps8", "notes_prior_eps3_np", "notes_band_eps8"):
+    for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4", "notes_prior_eps8", "notes_prior_eps3_np", "notes_band_eps8",
+                 "notes_hooks_eps8"):
         nb = load(name)
         if not nb:
             continue
