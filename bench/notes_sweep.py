@@ -1,8 +1,8 @@
 """Sweep of the DP note model's training settings at a fixed privacy loss (issue 7: condition consistency).
 
-Each (variant, seed) trains the note model alone as the chained fit does (``make_private_text``: Opacus ghost
-clipping, two-group clipping, Poisson sampling, condition dropout; TextConfig defaults with the variant's
-overrides), then samples notes for ``--prompts`` real holdout records with the TextConfig's sampling settings and
+Each (variant, seed) trains the note model alone as the chained fit does (``make_private_text``: the configured
+Opacus mode, hooks on length chunks by default since 2026-11-28 and ghost in the earlier results; two-group
+clipping, Poisson sampling, condition dropout; TextConfig defaults with the variant's overrides), then samples notes for ``--prompts`` real holdout records with the TextConfig's sampling settings and
 with each of ``--sampling``'s overrides (e.g. ``'[{}, {"repetition": 0}]'``: the same trained model, so the
 comparison is paired), and scores them with ``dpsynth.metrics.notes.condition_consistency``. Runs go in parallel worker processes, so a
 machine with many cores (or a GPU: ``--device cuda`` trains there, sampling stays on the CPU) sweeps in minutes.
@@ -109,8 +109,8 @@ def noise(rule: str, cfg, n_notes: int, epsilon: float, schema, text_share: floa
 
 
 def train_private(model, cfg, ids, *, sigma: float, steps: int, seed: int, device: str = "cpu") -> tuple[list, float, float]:
-    """DP-train ``model`` (a NoteLM on ``device``) as the chained fit does: ``make_private_text`` (ghost and two-group
-    clipping, Poisson batches of ``cfg.batch_size`` over ``ids``, clipping norm 1), Adam at ``cfg.lr``, ``steps``
+    """DP-train ``model`` (a NoteLM on ``device``) as the chained fit does: ``make_private_text`` (``cfg``'s Opacus mode
+    and two-group clipping, Poisson batches of ``cfg.batch_size`` over ``ids``, clipping norm 1), Adam at ``cfg.lr``, ``steps``
     steps at noise ``sigma`` drawn from a generator seeded with ``seed``. Returns (per-step losses, seconds, q)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
