@@ -783,6 +783,32 @@ def test_nucleus_sampling_draws_from_the_renormalised_nucleus():
     assert bool((_top_p_sample(logits[:5], 0.0, 0.9, g) == 1).all())
 
 
+def test_nucleus_sampling_among_the_top_candidates_equals_a_full_sort():
+    """Rows whose nucleus lies within the TOP_P_CANDIDATES most likely tokens, rows whose nucleus reaches past them
+    (fully sorted), in one batch: the same tokens as a full sort of every row with the same seeded uniforms."""
+    import dpsynth.models.text as text_mod
+
+    torch.manual_seed(12)
+    V = 1000
+    peaked = torch.randn(300, V) * 6.0  # nucleus of a few tokens
+    flat = torch.randn(300, V) * 0.1  # nucleus of most of the vocabulary
+    logits = torch.cat([peaked, flat])[torch.randperm(600)]
+
+    def reference(lg, top_p, g):
+        probs = torch.softmax(lg, dim=-1)
+        sp, idx = probs.sort(dim=-1, descending=True)
+        keep = (sp.cumsum(dim=-1) - sp) < top_p
+        return idx.gather(-1, text_mod._inverse_cdf(sp * keep, g).unsqueeze(-1)).squeeze(-1)
+
+    k = text_mod.TOP_P_CANDIDATES
+    probs = torch.softmax(logits, dim=-1).topk(k, dim=-1).values.sum(dim=-1)
+    assert (probs >= 0.9).sum() > 100 and (probs < 0.9).sum() > 100  # both kinds of row are there
+    for seed in range(3):
+        got = text_mod._top_p_sample(logits, 1.0, 0.9, torch.Generator().manual_seed(seed))
+        want = reference(logits, 0.9, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want)
+
+
 def test_tiny_model_learns_notes_and_follows_the_condition(schema, train_df, notes):
     """Non-private, tiny and short (≈ 40 s): the loss falls and the sampled sex follows the condition. (400 steps,
     measured for seeds 0 and 1: holdout NLL 0.60 / 0.62 nats per token against the 1.2 asserted, sex differences

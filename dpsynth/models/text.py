@@ -1021,27 +1021,47 @@ def note_log_likelihood(model, ids: np.ndarray | torch.Tensor, *, batch: int = 2
     return np.concatenate(ll), np.concatenate(cnt)
 
 
-def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row drawn from the (unnormalised) weights ``probs`` [B, K]: u ~ U(0, row mass), the first
     position whose cumulative weight exceeds u. Exact, and ~40× cheaper than torch.multinomial on CPU (which
-    was half of the sampling time)."""
+    was half of the sampling time). ``u`` [B, 1]: the uniform draws in [0, 1) to use (default: drawn here)."""
     c = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=c.dtype) * c[:, -1:]
-    return torch.searchsorted(c, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=c.dtype)
+    return torch.searchsorted(c, u * c[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
+TOP_P_CANDIDATES = 64  # nucleus sampling looks among this many most likely tokens first (see _top_p_sample)
+
+
+def _nucleus_draw(sp: torch.Tensor, idx: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """Token ids drawn from the nucleus of descending probabilities ``sp`` (token ids ``idx``) with uniforms ``u``."""
+    keep = (sp.cumsum(dim=-1) - sp) < top_p  # a prefix of the sorted tokens
+    return idx.gather(-1, _inverse_cdf(sp * keep, None, u).unsqueeze(-1)).squeeze(-1)
 
 
 def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Temperature and nucleus (top-p) sampling: the smallest set of most likely tokens whose mass reaches
-    ``top_p`` (the first always kept), renormalised."""
+    ``top_p`` (the first always kept), renormalised.
+
+    The nucleus is looked for among the ``TOP_P_CANDIDATES`` most likely tokens (``topk``) and only rows whose
+    nucleus reaches beyond them are fully sorted: a full sort of the vocabulary per row and token was a third of
+    the sampling time. The same nucleus and the same uniform draw per row (one ``rand`` per row, as before), so
+    the same tokens up to the order of exactly tied probabilities."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1.0:
         return _inverse_cdf(probs, generator)
-    sp, idx = probs.sort(dim=-1, descending=True)
-    keep = (sp.cumsum(dim=-1) - sp) < top_p  # a prefix of the sorted tokens
-    choice = _inverse_cdf(sp * keep, generator)
-    return idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=probs.dtype)
+    k = min(TOP_P_CANDIDATES, probs.shape[-1])
+    sp, idx = probs.topk(k, dim=-1)  # sorted, most likely first
+    out = _nucleus_draw(sp, idx, top_p, u)
+    if k < probs.shape[-1]:
+        wide = sp.cumsum(dim=-1)[:, -1] < top_p  # the k-th token is kept: the nucleus may reach past it
+        if bool(wide.any()):
+            out[wide] = _nucleus_draw(*probs[wide].sort(dim=-1, descending=True), top_p, u[wide])
+    return out
 
 
 def _guide(logits: torch.Tensor, B: int, guidance: float, plausibility: float, allowed: torch.Tensor) -> torch.Tensor:
