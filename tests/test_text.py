@@ -404,19 +404,53 @@ def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, trai
         torch.testing.assert_close(flat(m), want, rtol=1e-4, atol=1e-6)
 
 
-def test_length_chunks_give_the_same_noisy_step_as_one_pass(tok, train_df, notes):
-    """Hooks mode, σ = 1 with the same seeded noise: a Poisson batch cut into length-sorted chunks (each trimmed to
-    its own longest note) ends in the same weights as one pass over the whole padded batch — the clipped
-    per-patient gradients are summed over the chunks, the noise is drawn once and scaled by the expected batch
-    size. A noise draw per chunk, or a division per chunk, would move the weights elsewhere."""
-    torch.manual_seed(9)
-    B = 40
-    cut = notes.iloc[: 4 * B].copy()  # notes of 10–70 bytes: the chunks are trimmed to different lengths
+def _chunk_ids(tok, train_df, notes, B):
+    """4·B encoded notes cut to 10–70 bytes, so length chunks are trimmed to different lengths."""
+    cut = notes.iloc[: 4 * B].copy()
     cut[:] = [n[: 10 + (7 * i) % 61] for i, n in enumerate(cut)]
     ids = torch.from_numpy(encoded(tok, train_df.iloc[: 4 * B], cut).ids)
     lengths = (ids[:B] != PAD).sum(dim=1)
     assert lengths.max() - lengths.min() > 40
-    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=1))
+    return ids
+
+
+def _record_skips(opt) -> list[bool]:
+    """Wrap the DP optimizer's signal_skip_step: the returned list records every signal."""
+    skips, signal = [], opt.signal_skip_step
+
+    def record(do_skip=True):
+        skips.append(do_skip)
+        signal(do_skip)
+
+    opt.signal_skip_step = record
+    return skips
+
+
+def _failing_at(n: int, forward):
+    """A forward that raises on its n-th call (a chunk running out of memory)."""
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError(f"out of memory in chunk {n}")
+        return forward(*a, **kw)
+
+    return failing
+
+
+@pytest.mark.parametrize("share", [0.75, 0.0])
+def test_length_chunks_give_the_same_noisy_steps_as_one_pass(tok, train_df, notes, share):
+    """Hooks mode, σ = 1 with the same seeded noise, two consecutive steps on one optimizer: a Poisson batch cut
+    into length-sorted chunks (each trimmed to its own longest note) ends in the same weights as one pass over the
+    whole padded batch — the clipped per-patient gradients are summed over the chunks, the noise is drawn once and
+    scaled by the expected batch size, nothing carries into the next step. Two-group and flat clipping. A noise draw
+    per chunk, a division per chunk or a clipped sum carried over would move the weights elsewhere."""
+    torch.manual_seed(9)
+    B = 40
+    ids = _chunk_ids(tok, train_df, notes, B)
+    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=1,
+                                             cond_clip_share=share))
     with torch.no_grad():
         base.cond_out.weight.normal_(0, 0.5)
     C = 0.05  # most patients clipped
@@ -424,18 +458,48 @@ def test_length_chunks_give_the_same_noisy_step_as_one_pass(tok, train_df, notes
     for k in (1, 3, 7):
         m = copy.deepcopy(base)
         m.config = replace(m.config, length_chunks=k)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids[: 4 * B]), batch_size=B)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=B)
         model, opt, crit, _ = make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
                                                 loader=loader, noise_multiplier=1.0, max_grad_norm=C,
                                                 noise_generator=torch.Generator().manual_seed(5))
         assert crit is None  # hooks mode, from the config
-        loss = text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
-        after[k] = (flat(m).clone(), loss)
-    moved = (after[1][0] - flat(base)).norm().item()
-    assert moved > 0
+        skips = _record_skips(opt)
+        losses = [text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[j * B : (j + 1) * B],),
+                            private=True) for j in (0, 1)]
+        # the chunked path ran: k − 1 skipped chunk steps and one real step per batch (none without chunks)
+        assert skips == ([True] * (k - 1) + [False]) * 2 if k > 1 else skips == []
+        after[k] = (flat(m).clone(), losses)
+    assert (after[1][0] - flat(base)).norm().item() > 0
     for k in (3, 7):
         torch.testing.assert_close(after[k][0], after[1][0], rtol=1e-4, atol=1e-6)
-        assert after[k][1] == pytest.approx(after[1][1], rel=1e-5)  # the batch's mean NLL, over all chunks
+        assert after[k][1] == pytest.approx(after[1][1], rel=1e-5)  # the batches' mean NLL, over all chunks
+
+
+def test_a_chunked_step_cut_short_leaves_nothing_for_the_next(tok, train_df, notes):
+    """A failure in the middle of a chunked step moves no weight and leaves no queued skip or partial clipped sum:
+    the optimizer's next step is the same as a fresh optimizer's."""
+    torch.manual_seed(10)
+    B = 40
+    ids = _chunk_ids(tok, train_df, notes, B)
+    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=4))
+    results = []
+    for fail in (True, False):
+        m = copy.deepcopy(base)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=B)
+        model, opt, crit, _ = make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
+                                                loader=loader, noise_multiplier=1.0, max_grad_norm=0.05,
+                                                noise_generator=torch.Generator().manual_seed(5))
+        if fail:
+            forward = model.forward
+            model.forward = _failing_at(3, forward)
+            with pytest.raises(RuntimeError, match="chunk 3"):
+                text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
+            model.forward = forward
+            assert torch.equal(flat(m), flat(base))  # nothing released
+            assert not opt._step_skip_queue and not opt._is_last_step_skipped
+        text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[B : 2 * B],), private=True)
+        results.append(flat(m).clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-6)
 
 
 def test_text_config_rejects_an_unknown_grad_sample_mode_and_bad_chunks():

@@ -902,12 +902,20 @@ def text_step(*, model, optimizer, criterion, batch, private: bool) -> float:
     if private and criterion is None and k > 1 and ids.shape[0] > 1 and hasattr(optimizer, "signal_skip_step"):
         chunks = ids[(ids != PAD).sum(dim=1).argsort(stable=True)].tensor_split(min(k, ids.shape[0]))
         total = 0.0
-        for i, chunk in enumerate(chunks):
-            if i:  # drops the last chunk's per-sample gradients; the clipped sum is kept (that step was skipped)
-                optimizer.zero_grad(set_to_none=False)
-            optimizer.signal_skip_step(i < len(chunks) - 1)
-            total += backward_and_step(model(_trim(chunk, plain.prefix_len)), criterion=None, optimizer=optimizer,
-                                       private=private) * len(chunk)
+        try:
+            for i, chunk in enumerate(chunks):
+                if i:  # drops the last chunk's per-sample gradients; the clipped sum is kept (that step was skipped)
+                    optimizer.zero_grad(set_to_none=False)
+                optimizer.signal_skip_step(i < len(chunks) - 1)
+                total += backward_and_step(model(_trim(chunk, plain.prefix_len)), criterion=None,
+                                           optimizer=optimizer, private=private) * len(chunk)
+        except BaseException:
+            # a batch cut short releases nothing (no weight moved before the last chunk); leave no queued skip and no
+            # partial clipped sum behind, so a caller that reuses the optimizer cannot mix this batch into the next
+            optimizer._step_skip_queue.clear()
+            optimizer._is_last_step_skipped = False
+            optimizer.zero_grad(set_to_none=False)
+            raise
         return total / ids.shape[0]
     # ghost clipping: the criterion wraps the [B] per-patient losses; hooks mode (criterion None): the plain mean
     return backward_and_step(model(_trim(ids, plain.prefix_len)), criterion=criterion, optimizer=optimizer,
@@ -919,10 +927,11 @@ def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_
     """Opacus wiring for the note model: per-patient clipping, Poisson sampling (q = 1/len(loader)).
 
     The loader must yield 1-tuples of int64 [B, max_len] sequences (a TensorDataset of ``EncodedNotes.ids``).
-    Returns (model, optimizer, criterion, loader) in both modes: ``"ghost"`` (default, the house wiring: two
-    backward passes, per-sample norms without per-sample gradients) or ``"hooks"`` (one backward pass, per-sample
-    gradients instantiated: B × parameters floats; criterion None). Both clip each patient's whole note to
-    ``max_grad_norm`` and add the same noise; pick by measured speed (see the module docstring).
+    Returns (model, optimizer, criterion, loader) in both modes: ``"hooks"`` (one backward pass, per-sample
+    gradients instantiated, one length chunk of the batch at a time: ``text_step``; criterion None) or ``"ghost"``
+    (two backward passes, per-sample norms without per-sample gradients). ``grad_sample_mode`` None takes the
+    model's ``TextConfig.grad_sample_mode`` (hooks). Both clip each patient's whole note to ``max_grad_norm`` and
+    add the same noise; the default is the faster one at the demo's batch (see the module docstring).
 
     With the condition → vocabulary path and ``TextConfig.cond_clip_share`` s > 0, clipping is two-group: a
     patient's gradient on the path's parameters is clipped to C·√s and on all the others to C·√(1 − s), so its
@@ -944,8 +953,9 @@ def _two_group_clipping(model: NoteLM, module, optimizer, mode: str, path: set[i
     ghost: Opacus computes each parameter's per-sample gradient norm in its first backward pass and asks
     ``get_clipping_coef`` for one coefficient per patient, which its second backward pass applies. We return the
     language model's coefficient c_A and set the path's gradient scale to c_P / c_A (``_ScaleGrad``), so the
-    second pass leaves c_A·g_A + c_P·g_P. hooks: the per-sample gradients exist; each group is scaled by its
-    coefficient before Opacus' flat clipping at C, which then leaves them as they are (their norm is ≤ C)."""
+    second pass leaves c_A·g_A + c_P·g_P. hooks: the per-sample gradients exist; the optimizer's
+    ``clip_and_accumulate`` is replaced by one that adds Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) to ``summed_grad`` (each
+    patient's norm ≤ C, so Opacus' flat clipping at C would change nothing)."""
     c_lm, c_path = C * math.sqrt(1.0 - share), C * math.sqrt(share)
 
     def coefficients(squares: list[tuple[nn.Parameter, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
