@@ -345,10 +345,10 @@ def local_text_round(*, df: pd.DataFrame, schema: Schema, column: str, text_stat
 
     The same wiring and step as dpsynth.train's note phase: NoteTokenizer.from_schema (byte-level + public
     condition tokens; nothing fitted on the notes) → NoteLM.for_tokenizer(tok, config) → make_private_text
-    (per-patient clipping of the whole note; TextConfig.grad_sample_mode, hooks by default) → text_epoch, over the patients of ``df`` that have
-    a note (Poisson rate ``sample_rate`` = 1/⌈n_notes/batch_size⌉, checked against the loader's).
-    ``config.batch_size`` is not used: ``batch_size`` is the planned one. Returns (note model state, DP steps
-    taken, mean NLL per pass over the notes)."""
+    (per-patient clipping of the whole note; TextConfig.grad_sample_mode, hooks by default) → text_epoch, over
+    the patients of ``df`` that have a note (Poisson rate ``sample_rate`` = 1/⌈n_notes/batch_size⌉, checked against
+    the loader's). ``config.batch_size`` is not used: ``batch_size`` is the planned one. Returns (note model state,
+    DP steps taken, mean NLL per pass over the notes)."""
     if seed is not None:
         torch.manual_seed(seed)
     tok = NoteTokenizer.from_schema(schema, max_len=config.max_len)

@@ -1068,7 +1068,7 @@ def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, genera
     sp, idx = probs.topk(k, dim=-1)  # sorted, most likely first
     out = _nucleus_draw(sp, idx, top_p, u)
     if k < probs.shape[-1]:
-        wide = sp.cumsum(dim=-1)[:, -1] < top_p  # the k-th token is kept: the nucleus may reach past it
+        wide = sp.cumsum(dim=-1)[:, -1] < top_p  # the k most likely hold less than top_p: the nucleus goes on
         if bool(wide.any()):
             out[wide] = _nucleus_draw(*probs[wide].sort(dim=-1, descending=True), top_p, u[wide])
     return out
