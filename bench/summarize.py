@@ -74,7 +74,7 @@ def main() -> None:
                 parts.append(f"{case}: {c['seconds_audit']:.1f} s, peak {c['peak_rss_mb']:.0f} MB "
                              f"({c['victims']} victims per group; rows {c['rows']})")
         print("**`bench/audit_speed.py`** — full audit incl. the canary audit: " + "; ".join(parts) +
-              " (targets: NAFLD ≤ 20 s, MIMIC shape ≤ 300 s, ≤ 4,096 MB).\n")
+              " (targets: NAFLD ≤ 20 s, MIMIC shape ≤ 300 s, ≤ 4,096 MB)." + (f" {s['note']}" if s.get("note") else "") + "\n")
     c = load("audit_controls")
     if c:
         print("**`bench/audit_controls.py`** — gate verdicts on NAFLD:\n")
