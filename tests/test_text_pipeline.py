@@ -85,7 +85,8 @@ def test_the_chained_fit_clips_the_note_model_in_two_groups(dp_model):
     _, res = dp_model
     assert len(TWO_GROUP_CALLS) == 1
     call = TWO_GROUP_CALLS[0]
-    assert call["mode"] == TextConfig().grad_sample_mode == "hooks" and call["path"] == call["path_parameters"] == 3  # table, gate weight and bias
+    assert call["mode"] == TextConfig().grad_sample_mode == "hooks"
+    assert call["path"] == call["path_parameters"] == 3  # table, gate weight and bias
     assert call["share"] == TextConfig().cond_clip_share and call["C"] == res.manifest["privacy"]["models"]["text"]["max_grad_norm"]
 
 
