@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from audits.text import (
     CANARY_FORMAT,
@@ -366,7 +367,7 @@ def test_two_group_clipping_bounds_each_group_of_one_patient(tok, train_df, note
 
 
 def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, train_df, notes):
-    """σ = 0: the ghost and hooks updates both equal Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) / B computed one patient
+    """σ = 0: the ghost and hooks updates (hooks with and without book-keeping) all equal Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) / B computed one patient
     at a time with plain autograd, c = min(1, bound / the group's norm) — for clipped and unclipped patients."""
     torch.manual_seed(7)
     ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
@@ -397,8 +398,9 @@ def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, trai
             t += (c_path if id(p) in in_path else c_lm) * p.grad
     assert 0 < clipped < 2 * B
     want = torch.cat([(b.detach() - 0.1 * t / B).reshape(-1) for b, t in zip(base.parameters(), total)])
-    for mode in ("ghost", "hooks"):
+    for mode, book in (("ghost", False), ("hooks", True), ("hooks", False)):
         m = copy.deepcopy(base)
+        m.config = replace(m.config, book_keeping=book)
         model, opt, crit, _ = _private(m, ids, B, C=C, lr=0.1, mode=mode)
         text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:B],), private=True)
         torch.testing.assert_close(flat(m), want, rtol=1e-4, atol=1e-6)
@@ -500,6 +502,88 @@ def test_a_chunked_step_cut_short_leaves_nothing_for_the_next(tok, train_df, not
         text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[B : 2 * B],), private=True)
         results.append(flat(m).clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-6)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a per-sample gradient tensor was formed")
+
+
+@pytest.mark.parametrize("share", [0.75, 0.0])
+def test_book_keeping_gives_the_same_noisy_steps_as_per_sample_gradients(tok, train_df, notes, share):
+    """Hooks mode, σ = 1 with the same seeded noise, two consecutive steps of 3 length chunks each: book-keeping
+    clipping (each SeqLinear / SeqEmbedding layer's squared per-patient norms and clipped sum from its inputs and output
+    gradients; no ordinary weight gradients) ends in the same weights and losses as Opacus' per-sample gradient
+    tensors, and never calls Opacus' per-sample samplers. Two-group and flat clipping, most patients clipped. A wrong
+    norm, coefficient or clipped sum, or a wrong input gradient from SeqLinear's DP-step forward, moves the weights."""
+    import opacus.grad_sample.embedding as opacus_embedding
+    import opacus.grad_sample.linear as opacus_linear
+
+    torch.manual_seed(12)
+    B = 40
+    ids = _chunk_ids(tok, train_df, notes, B)
+    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=3,
+                                             cond_clip_share=share))
+    with torch.no_grad():
+        base.cond_out.weight.normal_(0, 0.5)
+    after = {}
+    for book in (False, True):
+        m = copy.deepcopy(base)
+        m.config = replace(m.config, book_keeping=book)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=B)
+        model, opt, crit, _ = make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
+                                                loader=loader, noise_multiplier=1.0, max_grad_norm=0.05,
+                                                noise_generator=torch.Generator().manual_seed(5))
+        with pytest.MonkeyPatch.context() as mp:
+            if book:
+                mp.setattr(opacus_linear, "compute_linear_grad_sample", _refuse)
+                mp.setattr(opacus_embedding, "compute_embedding_grad_sample", _refuse)
+            losses = [text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[j * B : (j + 1) * B],),
+                                private=True) for j in (0, 1)]
+        assert (m._dp_book is not None) == book
+        after[book] = (flat(m).clone(), losses)
+    assert (after[False][0] - flat(base)).norm().item() > 0
+    torch.testing.assert_close(after[True][0], after[False][0], rtol=1e-4, atol=1e-6)
+    assert after[True][1] == pytest.approx(after[False][1], rel=1e-5)
+
+
+def test_seq_linear_skips_weight_gradients_only_inside_a_book_keeping_step():
+    """In a DP step's passes (``_booking``) SeqLinear leaves the ordinary weight and bias gradients to the book and
+    gives the input's gradient exactly; before and after, it is nn.Linear (plain training and scoring are unchanged)."""
+    from dpsynth.models.text import SeqLinear, _Book, _booking
+
+    torch.manual_seed(13)
+    layer, ref = SeqLinear(8, 6), nn.Linear(8, 6)
+    ref.load_state_dict(layer.state_dict())
+    layer._dp_book = book = _Book()
+    x = torch.randn(3, 5, 8)
+    for inside in (False, True, False):
+        layer.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with _booking(book if inside else None):
+            layer(xa).square().sum().backward()
+        ref(xb).square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+        if inside:
+            assert layer.weight.grad is None and layer.bias.grad is None
+        else:
+            torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
+            torch.testing.assert_close(layer.bias.grad, ref.bias.grad)
+        assert not book.active
+    with pytest.raises(RuntimeError, match="boom"), _booking(book):
+        raise RuntimeError("boom")
+    assert not book.active
+
+
+def test_book_refuses_a_layer_recorded_twice_in_one_pass():
+    """Opacus adds the per-sample gradients of a layer called twice in one forward pass; squared norms do not add,
+    so the book refuses the second record instead of clipping with a wrong norm."""
+    from dpsynth.models.text import _Book
+
+    book, p = _Book(), nn.Parameter(torch.zeros(2))
+    book.record(p, lambda c: c)
+    with pytest.raises(RuntimeError, match="twice"):
+        book.record(p, lambda c: c)
 
 
 def test_text_config_rejects_an_unknown_grad_sample_mode_and_bad_chunks():

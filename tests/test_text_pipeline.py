@@ -63,7 +63,7 @@ def nhold(demo_dir, tschema):
 @pytest.fixture(scope="module")
 def dp_model(tmp_path_factory, ndf, tschema):
     out = tmp_path_factory.mktemp("text") / "model"
-    real = text_mod._two_group_clipping
+    real = text_mod._clipping
 
     def spy(model, module, optimizer, mode, path, C, share):  # records how the fit wired the note model's clipping
         TWO_GROUP_CALLS.append({"mode": mode, "path": len(path), "C": C, "share": share,
@@ -71,7 +71,7 @@ def dp_model(tmp_path_factory, ndf, tschema):
         return real(model, module, optimizer, mode, path, C, share)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(text_mod, "_two_group_clipping", spy)
+        mp.setattr(text_mod, "_clipping", spy)
         # seeded DP noise (tests only): the exposure check below is then reproducible
         return out, quiet_train(ndf, tschema, out=out, epsilon=3.0, delta=1e-5, config=cfg(), seed=11)
 

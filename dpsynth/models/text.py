@@ -69,7 +69,7 @@ Two-group clipping bounds the path's part of each patient's gradient by C·√s 
 (the per-layer clipping of Opacus, with two groups): the whole gradient still has norm ≤ C, the same noise
 σ·C is added, and ε is unchanged — only how the per-patient bound is spent moves. The gate reads the hidden
 state detached, so the path's logit term depends on the path's parameters only, and under ghost clipping the
-path's gradient is rescaled between Opacus' two backward passes (``_ScaleGrad``, ``_two_group_clipping``;
+path's gradient is rescaled between Opacus' two backward passes (``_ScaleGrad``, ``_clipping``;
 tested against a per-patient reference in ghost and hooks modes). One-off DP probe (σ 0.69, 240 steps, w 3,
 α 0.1, 600 prompts, 2 seeds): consistency 0.71 flat → 0.80 with s = 0.5 and 0.80–0.84 with s = 0.75, the note
 NLL 1.92 → 2.13 → 2.37 nats/token.
@@ -102,13 +102,26 @@ word-piece notes the vocabulary-wide layers dominate (output head 64 × 1,119, c
 clipping's second backward pass through them costs more than instantiating the per-sample gradients once. The
 default is therefore hooks mode (one backward pass, per-sample gradients) on length-sorted chunks of the Poisson
 batch, each trimmed to its own longest note; the chunks' clipped gradients are summed and the noise is drawn once
-per batch (``text_step``). bench/note_step.py, one DP step on 2 cores, same run (results/note_step.json): ghost
-9.7 s and 5.3 GB peak, hooks 7.2 s, hooks with 4 chunks 4.8 s, with 8 chunks 4.6 s and 1.6 GB (2.1×); a first run
-gave 8.4 / 6.7 / 5.9 / 5.1 s. ``make_private_text`` still takes either mode.
+per batch (``text_step``). ``make_private_text`` still takes either mode.
+
+Book-keeping clipping (``TextConfig.book_keeping``, ``_Book``; the "BK" algorithm of Bu et al. 2023). Even in hooks
+mode, Opacus' per-sample gradient tensors [B, *param] cost more than the arithmetic they hold: each is zero-filled,
+copied into place, read for the norms and read again for the clipped sum, and autograd still computes the ordinary
+weight gradients that the noised sum replaces. With a book, each ``SeqLinear`` / ``SeqEmbedding`` layer's grad
+sampler computes the exact squared per-patient norms (from the per-sample product where that is the cheaper
+formula, else from Gram matrices; for an embedding from the Gram matrix of its output gradients masked by equal
+ids) and records how to form the clipped sum Σ_i c_i g_i once the coefficients are known (a matrix-vector product
+over the per-sample products, a matmul of coefficient-scaled output gradients with the inputs, or an ``index_add``
+into the table's rows); ``SeqLinear`` skips the ordinary weight gradient inside a DP step. Same clipped sum, same
+noise (tested against the per-sample tensors with seeded noise and against a per-patient reference).
+bench/note_step.py, one DP step on 2 cores, same run (results/note_step.json): ghost 7.2 s and 3.1 GB peak, hooks
+7.0 s, hooks with 8 chunks 2.8 s and 1.3 GB, **with 8 chunks and book-keeping 2.05 s** (3.5× ghost). Earlier
+runs of the same machine were slower throughout (ghost 9.7 s, hooks with 8 chunks 4.6 s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -125,7 +138,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schema import Schema, canonical_category
-from .dp import PerSampleLoss, backward_and_step, empty_batch_step, make_private, run_epoch
+from .dp import (
+    PerSampleLoss,
+    backward_and_step,
+    empty_batch_step,
+    make_private,
+    run_epoch,
+)
 
 __all__ = [
     "TOKENIZER_KIND",
@@ -146,7 +165,7 @@ WORD_TOKENIZER_KIND = ("UTF-8 bytes + the schema's public word pieces (text colu
                        "condition tokens (nothing fitted on the notes: no privacy cost)")
 # a note is cut into pieces: a word or a number with its leading space, or any single character; the pieces
 # concatenate back to the note exactly. A piece in the public vocabulary is one token, any other is spelled in bytes.
-PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]+|.", re.S)
+PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]+|.", re.DOTALL)
 N_BYTES = 256
 PAD, BOS, EOS, SEP = 256, 257, 258, 259
 SPECIALS = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, "<sep>": SEP}
@@ -469,14 +488,47 @@ class SeqLinear(nn.Linear):
     forming the per-sample gradient [B, o, i] by one batched matmul, O(B·T·i·o), is cheaper (the "mixed ghost
     norm" of Bu et al. 2022). Both are exact; this class picks the cheaper one per call. It is registered for
     this subclass only — Opacus' global sampler for nn.Linear is left untouched.
+
+    Inside a book-keeping DP step (``_Book.active``) the forward pass does not let autograd compute the ordinary
+    weight and bias gradients: the book forms the clipped sum that replaces them, and Opacus overwrites ``.grad`` with
+    the noised sum anyway. Everywhere else (plain training, ghost mode, scoring) it is nn.Linear's forward.
     """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        book = getattr(self, "_dp_book", None)
+        if book is not None and book.active and torch.is_grad_enabled():
+            return _InputGradOnlyLinear.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class _InputGradOnlyLinear(torch.autograd.Function):
+    """F.linear whose backward gives the input's gradient only (see ``SeqLinear``)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None
+
+
+def _per_sample_cheaper(layer: nn.Linear, g: torch.Tensor) -> bool:
+    """For output gradients g [B, T, o]: is forming the per-sample weight gradient [B, o, i], O(B·T·i·o), cheaper than
+    the Gram matrices of the ghost norm, O(B·T²·(i+o))?"""
+    return g.dim() == 3 and g.shape[1] ** 2 * (layer.in_features + layer.out_features) > g.shape[1] * layer.in_features * layer.out_features
 
 
 def _seq_linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     from opacus.grad_sample.linear import compute_linear_norm_sample
 
     g = backprops
-    if g.dim() == 3 and g.shape[1] ** 2 * (layer.in_features + layer.out_features) > g.shape[1] * layer.in_features * layer.out_features:
+    if _per_sample_cheaper(layer, g):
         a = activations[0].to(g.dtype)
         ret = {}
         if layer.weight.requires_grad:
@@ -533,12 +585,102 @@ def _register(cls: type, norm_fn, grad_fn) -> None:
         register(cls)(fn)
 
 
-def _register_samplers() -> None:
-    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+class _Book:
+    """Book-keeping clipping in hooks mode (the "BK" algorithm of Bu et al. 2023, "Differentially private
+    optimization on large model at small cost"): the clipped per-patient gradient sum without per-patient gradients.
+
+    ``make_private_text`` gives each ``SeqLinear`` / ``SeqEmbedding`` layer of the note model a book
+    (``layer._dp_book``). Their grad samplers then do not form the per-sample gradient tensors [B, *param] (which
+    Opacus zero-fills, copies, and the optimizer reads twice more: for the norms and for the clipped sum). Instead each
+    computes the per-sample squared norms of its parameters' gradients exactly (``_seq_linear_norm_sample``,
+    ``_seq_embedding_norm_sample``), returns them as the parameter's ``grad_sample`` — a [B, 1] placeholder — and
+    records how to form Σ_i c_i g_i for given per-patient coefficients c: for a linear layer one matmul of the
+    coefficient-scaled output gradients with the inputs, Σ_i c_i Σ_t g_it a_itᵀ; for an embedding one ``index_add``
+    of c_i g_it into the rows of the ids. The optimizer's ``clip_and_accumulate`` (``_clipping``) reads the norms,
+    computes the coefficients and asks the book for the sums. Same per-patient gradients, norms, coefficients and
+    clipped sum as with the per-sample tensors (tested against them and against a per-patient reference); the noise
+    and the accounting are Opacus' as before. A placeholder read as a gradient by any other code fails loudly (its
+    shape is not the parameter's)."""
+
+    def __init__(self):
+        self._sums: dict[int, Any] = {}
+        self.active = False  # set by text_step around the forward and backward passes of a DP step
+
+    def record(self, param: nn.Parameter, clipped_sum) -> None:
+        """Keep ``clipped_sum(c)`` → Σ_i c_i g_i for ``param`` until the step asks for it."""
+        if id(param) in self._sums:  # Opacus would sum two calls' per-sample gradients; squared norms do not add
+            raise RuntimeError("a layer of the note model ran twice in one forward pass: book-keeping clipping "
+                               "needs one call per layer and backward pass")
+        self._sums[id(param)] = clipped_sum
+
+    def holds(self, param: nn.Parameter) -> bool:
+        return id(param) in self._sums
+
+    def clipped_sum(self, param: nn.Parameter, coefficients: torch.Tensor) -> torch.Tensor:
+        return self._sums.pop(id(param))(coefficients)
+
+    def clear(self) -> None:
+        self._sums.clear()
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+
+def _seq_linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Opacus' hooks-mode grad sampler for ``SeqLinear``: per-sample gradients, or with a book (``_Book``) the
+    squared per-sample norms and a record of the clipped sum."""
     from opacus.grad_sample.linear import compute_linear_grad_sample
 
-    _register(SeqLinear, _seq_linear_norm_sample, compute_linear_grad_sample)
-    _register(SeqEmbedding, _seq_embedding_norm_sample, compute_embedding_grad_sample)
+    book = getattr(layer, "_dp_book", None)
+    if book is None:
+        return compute_linear_grad_sample(layer, activations, backprops)
+    a = activations[0].to(backprops.dtype)
+    B, o, i = backprops.shape[0], layer.out_features, layer.in_features
+    g, a = backprops.reshape(B, -1, o), a.reshape(B, -1, i)  # [B, T, ·]; T = 1 for an input without positions
+    ret = {}
+    if layer.weight.requires_grad:
+        if _per_sample_cheaper(layer, g):
+            # the per-sample gradients are formed for the norms anyway: the clipped sum is one matrix-vector product
+            per_sample = torch.bmm(g.transpose(1, 2), a).flatten(1)
+            book.record(layer.weight, lambda c: (c @ per_sample).view(o, i))
+            ret[layer.weight] = per_sample.pow(2).sum(dim=1, keepdim=True)
+        else:  # ghost norm ⟨g gᵀ, a aᵀ⟩; the clipped sum by one matmul over all positions
+            book.record(layer.weight, lambda c: (g * c.view(B, 1, 1)).reshape(-1, o).T @ a.reshape(-1, i))
+            gram = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum(dim=(1, 2))
+            ret[layer.weight] = gram.clamp(min=0).unsqueeze(1)
+    if layer.bias is not None and layer.bias.requires_grad:
+        per_sample_bias = g.sum(dim=1)  # [B, o]
+        book.record(layer.bias, lambda c: c @ per_sample_bias)
+        ret[layer.bias] = per_sample_bias.pow(2).sum(dim=1, keepdim=True)
+    return ret
+
+
+def _seq_embedding_grad_sample(layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Opacus' hooks-mode grad sampler for ``SeqEmbedding``: per-sample gradients, or with a book (``_Book``) the
+    squared per-sample norms and a record of the clipped sum."""
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+
+    book = getattr(layer, "_dp_book", None)
+    if book is None:
+        return compute_embedding_grad_sample(layer, activations, backprops)
+    if not layer.weight.requires_grad:
+        return {}
+    if layer.padding_idx is not None or layer.max_norm is not None:
+        raise ValueError("book-keeping clipping supports embeddings without padding_idx and max_norm only")
+    ids = activations[0]
+    B, d = ids.shape[0], layer.embedding_dim
+    ids, g = ids.reshape(B, -1), backprops.reshape(B, -1, d)
+    book.record(layer.weight, lambda c: g.new_zeros(layer.weight.shape).index_add_(
+        0, ids.reshape(-1), (g * c.view(B, 1, 1)).reshape(-1, d)))
+    # row v of a patient's gradient is Σ_{t: id_t = v} g_t, so its squared norm is Σ_{t, t': id_t = id_t'} ⟨g_t, g_t'⟩:
+    # O(B·T²·d), without the [B, V, d] per-sample table
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
+    return {layer.weight: (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2)).clamp(min=0).unsqueeze(1)}
+
+
+def _register_samplers() -> None:
+    _register(SeqLinear, _seq_linear_norm_sample, _seq_linear_grad_sample)
+    _register(SeqEmbedding, _seq_embedding_norm_sample, _seq_embedding_grad_sample)
 
 
 _register_samplers()
@@ -654,9 +796,16 @@ class TextConfig:
     # virtual steps: DPOptimizer.signal_skip_step). The sum is the same as one pass over the whole batch padded to its
     # longest note (no privacy effect: same per-patient gradients, same clipping, one noise draw per Poisson batch);
     # 8 chunks compute ≈ 35 % fewer padded positions (the demo's notes: 75 tokens on average, 128 at most) and hold an
-    # eighth of the per-sample gradients at a time: 4.6 s per step and 1.6 GB peak against 7.2 s and 5.7 GB without
-    # chunks, 4.8 s and 2.0 GB with 4 (bench/note_step.py, results/note_step.json). 1: no chunks
+    # eighth of the per-sample gradients at a time. Without book-keeping: 2.8 s per step and 1.3 GB peak against 7.0 s
+    # and 2.8 GB without chunks, 4.2 s with 4; with it 2.05 s against 5.1 s without chunks (bench/note_step.py,
+    # results/note_step.json). 1: no chunks
     length_chunks: int = 8
+    # hooks mode only: book-keeping clipping (models.text._Book; Bu et al. 2023). The vocabulary-wide and other
+    # SeqLinear / SeqEmbedding layers give each patient's squared gradient norm and the clipped sum Σ_i c_i g_i without
+    # forming the per-sample gradient tensors that Opacus zero-fills, copies and reads twice more. Same clipping and
+    # noise (tested against the per-sample tensors and a per-patient reference). One DP step with 8 chunks on 2 cores
+    # (bench/note_step.py, same run): 2.8 s without, 2.05 s with. False: Opacus' per-sample tensors
+    book_keeping: bool = True
 
     def __post_init__(self):
         if self.d_model % self.heads:
@@ -895,9 +1044,12 @@ def text_step(*, model, optimizer, criterion, batch, private: bool) -> float:
     the weights — one noise draw per Poisson batch, scaled by the expected batch size as without chunks."""
     ids = batch[0] if isinstance(batch, (tuple, list)) else batch
     optimizer.zero_grad(set_to_none=False)
+    plain = _plain(model)
+    book = getattr(plain, "_dp_book", None)
+    if book is not None:
+        book.clear()  # nothing from an earlier backward pass that never reached its step
     if ids.shape[0] == 0:
         return empty_batch_step(model, optimizer)
-    plain = _plain(model)
     k = plain.config.length_chunks
     if private and criterion is None and k > 1 and ids.shape[0] > 1 and hasattr(optimizer, "signal_skip_step"):
         chunks = ids[(ids != PAD).sum(dim=1).argsort(stable=True)].tensor_split(min(k, ids.shape[0]))
@@ -907,19 +1059,36 @@ def text_step(*, model, optimizer, criterion, batch, private: bool) -> float:
                 if i:  # drops the last chunk's per-sample gradients; the clipped sum is kept (that step was skipped)
                     optimizer.zero_grad(set_to_none=False)
                 optimizer.signal_skip_step(i < len(chunks) - 1)
-                total += backward_and_step(model(_trim(chunk, plain.prefix_len)), criterion=None,
-                                           optimizer=optimizer, private=private) * len(chunk)
+                with _booking(book):
+                    total += backward_and_step(model(_trim(chunk, plain.prefix_len)), criterion=None,
+                                               optimizer=optimizer, private=private) * len(chunk)
         except BaseException:
             # a batch cut short releases nothing (no weight moved before the last chunk); leave no queued skip and no
             # partial clipped sum behind, so a caller that reuses the optimizer cannot mix this batch into the next
             optimizer._step_skip_queue.clear()
             optimizer._is_last_step_skipped = False
             optimizer.zero_grad(set_to_none=False)
+            if book is not None:
+                book.clear()
             raise
         return total / ids.shape[0]
     # ghost clipping: the criterion wraps the [B] per-patient losses; hooks mode (criterion None): the plain mean
-    return backward_and_step(model(_trim(ids, plain.prefix_len)), criterion=criterion, optimizer=optimizer,
-                             private=private)
+    with _booking(book if private else None):
+        return backward_and_step(model(_trim(ids, plain.prefix_len)), criterion=criterion, optimizer=optimizer,
+                                 private=private)
+
+
+@contextlib.contextmanager
+def _booking(book: _Book | None):
+    """Mark a DP step's forward and backward passes for book-keeping clipping (``SeqLinear``); always unmarked after."""
+    if book is None:
+        yield
+        return
+    book.active = True
+    try:
+        yield
+    finally:
+        book.active = False
 
 
 def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_grad_norm: float, noise_generator,
@@ -942,25 +1111,30 @@ def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_
                        grad_sample_mode=grad_sample_mode)
     share = model.config.path_clip_share
     path = {id(p) for _, p in model.path_parameters()} if share > 0 else set()
-    if path:
-        _two_group_clipping(model, out[0], out[1], grad_sample_mode, path, max_grad_norm, share)
+    if path or grad_sample_mode == "hooks":
+        _clipping(model, out[0], out[1], grad_sample_mode, path, max_grad_norm, share)
     return out
 
 
-def _two_group_clipping(model: NoteLM, module, optimizer, mode: str, path: set[int], C: float, share: float) -> None:
-    """Install two-group clipping (see ``make_private_text``) on Opacus' wrapped module / DP optimizer.
+def _clipping(model: NoteLM, module, optimizer, mode: str, path: set[int], C: float, share: float) -> None:
+    """Install the note model's clipping (see ``make_private_text``) on Opacus' wrapped module / DP optimizer:
+    two-group when ``path`` (the path's parameter ids) is not empty, else one flat bound C.
 
-    ghost: Opacus computes each parameter's per-sample gradient norm in its first backward pass and asks
-    ``get_clipping_coef`` for one coefficient per patient, which its second backward pass applies. We return the
-    language model's coefficient c_A and set the path's gradient scale to c_P / c_A (``_ScaleGrad``), so the
-    second pass leaves c_A·g_A + c_P·g_P. hooks: the per-sample gradients exist; the optimizer's
-    ``clip_and_accumulate`` is replaced by one that adds Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) to ``summed_grad`` (each
-    patient's norm ≤ C, so Opacus' flat clipping at C would change nothing)."""
+    ghost (two-group only): Opacus computes each parameter's per-sample gradient norm in its first backward pass
+    and asks ``get_clipping_coef`` for one coefficient per patient, which its second backward pass applies. We return
+    the language model's coefficient c_A and set the path's gradient scale to c_P / c_A (``_ScaleGrad``), so the
+    second pass leaves c_A·g_A + c_P·g_P. hooks: the optimizer's ``clip_and_accumulate`` is replaced by one that
+    adds Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) to ``summed_grad`` (each patient's norm ≤ C, so Opacus' flat clipping at C
+    would change nothing), reading the ``SeqLinear`` / ``SeqEmbedding`` layers' norms and clipped sums from a book
+    (``_Book``; ``TextConfig.book_keeping``) and the other layers' (layer norms) from their per-sample gradients."""
     c_lm, c_path = C * math.sqrt(1.0 - share), C * math.sqrt(share)
 
     def coefficients(squares: list[tuple[nn.Parameter, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-patient clipping coefficients (language model, path) from each parameter's squared per-sample
-        gradient norms [B]."""
+        gradient norms [B]; with one flat bound both are min(1, C / the whole gradient's norm)."""
+        if not path:  # Opacus' flat clipping factor
+            c = (C / (torch.stack([s for _, s in squares]).sum(0).sqrt() + 1e-6)).clamp(max=1.0)
+            return c, c
         lm = torch.stack([s for p, s in squares if id(p) not in path]).sum(0).sqrt()
         pa = torch.stack([s for p, s in squares if id(p) in path]).sum(0).sqrt()
         return (c_lm / (lm + 1e-6)).clamp(max=1.0), (c_path / (pa + 1e-6)).clamp(max=1.0)
@@ -976,22 +1150,41 @@ def _two_group_clipping(model: NoteLM, module, optimizer, mode: str, path: set[i
         return
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+    book = _Book() if model.config.book_keeping else None
+    model._dp_book = book
+    for layer in model.modules():
+        if isinstance(layer, (SeqLinear, SeqEmbedding)):
+            layer._dp_book = book
     flat_clip = optimizer.clip_and_accumulate
 
     def clip_and_accumulate() -> None:
         """Opacus' DPOptimizer.clip_and_accumulate with one coefficient per group: each parameter's per-sample
-        gradients are read once for their norms and once for the clipped sum (Opacus' flat clipping at C would read
-        them three more times and change nothing: c_A·g_A and c_P·g_P already have norm ≤ C together)."""
+        gradients (or a book's squared norms) are read once for their norms and once for the clipped sum."""
         gs = optimizer.grad_samples
         if not len(gs[0]):
+            if book is not None and len(book):
+                raise RuntimeError("book-keeping clipping: an empty batch with recorded gradients")
             flat_clip()  # empty Poisson batch: Opacus' own zero contribution
             return
-        a, b = coefficients([(p, g.reshape(len(g), -1).pow(2).sum(1)) for p, g in zip(optimizer.params, gs)])
+        B = len(gs[0])
+        squares = []
+        for p, g in zip(optimizer.params, gs):
+            if book is not None and book.holds(p):
+                if g.shape != (B, 1):
+                    raise RuntimeError(f"book-keeping clipping: a placeholder of shape {tuple(g.shape)}, not ({B}, 1)")
+                squares.append((p, g[:, 0]))
+            else:
+                squares.append((p, g.reshape(B, -1).pow(2).sum(1)))
+        a, b = coefficients(squares)
         for p, g in zip(optimizer.params, gs):
             _check_processed_flag(p.grad_sample)
-            grad = torch.einsum("i,i...", (b if id(p) in path else a).to(g.dtype), g)
+            c = (b if id(p) in path else a).to(g.dtype)
+            grad = book.clipped_sum(p, c) if book is not None and book.holds(p) else torch.einsum("i,i...", c, g)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
+        if book is not None and len(book):
+            raise RuntimeError(f"book-keeping clipping: {len(book)} recorded gradients belong to no parameter of the "
+                               "optimizer")
 
     optimizer.clip_and_accumulate = clip_and_accumulate
 
