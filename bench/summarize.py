@@ -59,12 +59,12 @@ def main() -> None:
     d = load("note_step")
     if d:
         v = d["variants"]
-        cells = [f"{k.replace('_', ' ')} {r['seconds_per_step']:.1f} s, {r['peak_rss_mb']:.0f} MB"
+        cells = [f"{k.replace('_', ' ')} {r['seconds_per_step']:.2f} s, {r['peak_rss_mb']:.0f} MB"
                  + (f" ({d['speedup_vs_baseline'][k]:.2f}×)" if k != d["baseline"] else "") for k, r in v.items()]
         r0 = next(iter(v.values()))
         print(f"**`bench/note_step.py`** — one DP step of the default note model (batch {r0['batch']}, mean of "
-              f"{r0['steps']} steps, 2 threads, {d['environment']['time_utc'][:10]}), seconds and peak RSS by Opacus mode "
-              f"and length chunks (speed-up against {d['baseline']} in the same run): {'; '.join(cells)}.\n")
+              f"{r0['steps']} steps, 2 threads, {d['environment']['time_utc'][:10]}), seconds and peak RSS by Opacus mode, "
+              f"length chunks and book-keeping clipping (speed-up against {d['baseline']} in the same run): {'; '.join(cells)}.\n")
     s = load("audit_speed")
     if s:
         parts = []
@@ -124,7 +124,7 @@ def main() -> None:
         return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
 
     for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4", "notes_prior_eps8", "notes_prior_eps3_np", "notes_band_eps8",
-                 "notes_hooks_eps8"):
+                 "notes_hooks_eps8", "notes_book_eps8", "notes_book_eps8_seeds1234"):
         nb = load(name)
         if not nb:
             continue

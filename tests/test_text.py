@@ -416,6 +416,22 @@ def _chunk_ids(tok, train_df, notes, B):
     return ids
 
 
+def _hooks_base(tok, share, *, chunks):
+    """A hooks-mode note model without condition dropout whose path has weight (so the gate's gradient is not 0)."""
+    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=chunks,
+                                             cond_clip_share=share))
+    with torch.no_grad():
+        base.cond_out.weight.normal_(0, 0.5)
+    return base
+
+
+def _seeded_private(m, ids, B):
+    """make_private_text with σ = 1 from a seeded generator and C = 0.05 (most patients clipped), SGD at lr 0.5."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=B)
+    return make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5), loader=loader,
+                             noise_multiplier=1.0, max_grad_norm=0.05, noise_generator=torch.Generator().manual_seed(5))
+
+
 def _record_skips(opt) -> list[bool]:
     """Wrap the DP optimizer's signal_skip_step: the returned list records every signal."""
     skips, signal = [], opt.signal_skip_step
@@ -451,19 +467,12 @@ def test_length_chunks_give_the_same_noisy_steps_as_one_pass(tok, train_df, note
     torch.manual_seed(9)
     B = 40
     ids = _chunk_ids(tok, train_df, notes, B)
-    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=1,
-                                             cond_clip_share=share))
-    with torch.no_grad():
-        base.cond_out.weight.normal_(0, 0.5)
-    C = 0.05  # most patients clipped
+    base = _hooks_base(tok, share, chunks=1)
     after = {}
     for k in (1, 3, 7):
         m = copy.deepcopy(base)
         m.config = replace(m.config, length_chunks=k)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=B)
-        model, opt, crit, _ = make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
-                                                loader=loader, noise_multiplier=1.0, max_grad_norm=C,
-                                                noise_generator=torch.Generator().manual_seed(5))
+        model, opt, crit, _ = _seeded_private(m, ids, B)
         assert crit is None  # hooks mode, from the config
         skips = _record_skips(opt)
         losses = [text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[j * B : (j + 1) * B],),
@@ -487,10 +496,7 @@ def test_a_chunked_step_cut_short_leaves_nothing_for_the_next(tok, train_df, not
     results = []
     for fail in (True, False):
         m = copy.deepcopy(base)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=B)
-        model, opt, crit, _ = make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
-                                                loader=loader, noise_multiplier=1.0, max_grad_norm=0.05,
-                                                noise_generator=torch.Generator().manual_seed(5))
+        model, opt, crit, _ = _seeded_private(m, ids, B)
         if fail:
             forward = model.forward
             model.forward = _failing_at(3, forward)
@@ -521,18 +527,12 @@ def test_book_keeping_gives_the_same_noisy_steps_as_per_sample_gradients(tok, tr
     torch.manual_seed(12)
     B = 40
     ids = _chunk_ids(tok, train_df, notes, B)
-    base = NoteLM.for_tokenizer(tok, replace(SMALL, cond_dropout=0.0, grad_sample_mode="hooks", length_chunks=3,
-                                             cond_clip_share=share))
-    with torch.no_grad():
-        base.cond_out.weight.normal_(0, 0.5)
+    base = _hooks_base(tok, share, chunks=3)
     after = {}
     for book in (False, True):
         m = copy.deepcopy(base)
         m.config = replace(m.config, book_keeping=book)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=B)
-        model, opt, crit, _ = make_private_text(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
-                                                loader=loader, noise_multiplier=1.0, max_grad_norm=0.05,
-                                                noise_generator=torch.Generator().manual_seed(5))
+        model, opt, crit, _ = _seeded_private(m, ids, B)
         with pytest.MonkeyPatch.context() as mp:
             if book:
                 mp.setattr(opacus_linear, "compute_linear_grad_sample", _refuse)

@@ -592,11 +592,12 @@ class _Book:
     ``make_private_text`` gives each ``SeqLinear`` / ``SeqEmbedding`` layer of the note model a book
     (``layer._dp_book``). Their grad samplers then do not form the per-sample gradient tensors [B, *param] (which
     Opacus zero-fills, copies, and the optimizer reads twice more: for the norms and for the clipped sum). Instead each
-    computes the per-sample squared norms of its parameters' gradients exactly (``_seq_linear_norm_sample``,
-    ``_seq_embedding_norm_sample``), returns them as the parameter's ``grad_sample`` — a [B, 1] placeholder — and
-    records how to form Σ_i c_i g_i for given per-patient coefficients c: for a linear layer one matmul of the
-    coefficient-scaled output gradients with the inputs, Σ_i c_i Σ_t g_it a_itᵀ; for an embedding one ``index_add``
-    of c_i g_it into the rows of the ids. The optimizer's ``clip_and_accumulate`` (``_clipping``) reads the norms,
+    computes the per-sample squared norms of its parameters' gradients exactly (``_seq_linear_grad_sample``,
+    ``_seq_embedding_grad_sample``), returns them as the parameter's ``grad_sample`` — a [B, 1] placeholder — and
+    records how to form Σ_i c_i g_i for given per-patient coefficients c: for a linear layer a matrix-vector product
+    over its per-sample products where those were formed for the norms, else one matmul of the coefficient-scaled
+    output gradients with the inputs, Σ_i c_i Σ_t g_it a_itᵀ; for an embedding one ``index_add`` of c_i g_it into
+    the rows of the ids. The optimizer's ``clip_and_accumulate`` (``_clipping``) reads the norms,
     computes the coefficients and asks the book for the sums. Same per-patient gradients, norms, coefficients and
     clipped sum as with the per-sample tensors (tested against them and against a per-patient reference); the noise
     and the accounting are Opacus' as before. A placeholder read as a gradient by any other code fails loudly (its
