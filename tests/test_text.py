@@ -366,13 +366,15 @@ def test_two_group_clipping_bounds_each_group_of_one_patient(tok, train_df, note
     assert (flat(m) - b_all).norm().item() == pytest.approx(C, rel=1e-3)
 
 
-def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, train_df, notes):
-    """σ = 0: the ghost and hooks updates (hooks with and without book-keeping) all equal Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) / B computed one patient
-    at a time with plain autograd, c = min(1, bound / the group's norm) — for clipped and unclipped patients."""
+@pytest.mark.parametrize("share", [0.5, 0.0])
+def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, train_df, notes, share):
+    """σ = 0: the ghost and hooks updates (hooks with and without book-keeping; 2 length chunks of 4 patients) all
+    equal Σ_i (c_A,i·g_A,i + c_P,i·g_P,i) / B computed one patient at a time with plain autograd, c = min(1, bound /
+    the group's norm) — for clipped and unclipped patients. Share 0: one flat bound, c = min(1, C / the whole norm)."""
     torch.manual_seed(7)
     ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
-    B, share = 8, 0.5
-    cfg = replace(SMALL, cond_clip_share=share, cond_dropout=0.0)
+    B = 8
+    cfg = replace(SMALL, cond_clip_share=share, cond_dropout=0.0, length_chunks=2)
     base = NoteLM.for_tokenizer(tok, cfg)
     with torch.no_grad():  # a path with weight, so the gate's gradient is not zero
         base.cond_out.weight.normal_(0, 0.5)
@@ -393,6 +395,8 @@ def test_two_group_clipping_equals_per_patient_reference_in_both_modes(tok, trai
         ref(ids[i : i + 1]).sum().backward()
         c_lm = min(1.0, C * math.sqrt(1 - share) / (norms[i][0] + 1e-6))
         c_path = min(1.0, C * math.sqrt(share) / (norms[i][1] + 1e-6))
+        if share == 0:
+            c_lm = c_path = min(1.0, C / (math.hypot(*norms[i]) + 1e-6))
         clipped += (c_lm < 1) + (c_path < 1)
         for t, p in zip(total, ref.parameters()):
             t += (c_path if id(p) in in_path else c_lm) * p.grad
@@ -575,6 +579,66 @@ def test_seq_linear_skips_weight_gradients_only_inside_a_book_keeping_step():
     assert not book.active
 
 
+@pytest.mark.parametrize(("T", "branch"), [(None, "2-D input"), (2, "Gram"), (12, "per-sample")])
+def test_book_keeping_samplers_agree_with_opacus_per_sample_gradients(T, branch):
+    """Each book-keeping sampler against Opacus' per-sample gradients of the same layer, inputs and output gradients:
+    the squared per-sample norms and Σ_i c_i g_i for random coefficients — a Linear layer on 2-D input and on sequences
+    short enough for the Gram-matrix norm and long enough for the per-sample product (8 → 6: the product is cheaper
+    past T = 48/14), an Embedding with ids repeated within a sample. Outside an active step the samplers are Opacus'."""
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    from dpsynth.models.text import (
+        SeqEmbedding,
+        SeqLinear,
+        _Book,
+        _per_sample_cheaper,
+        _seq_embedding_grad_sample,
+        _seq_linear_grad_sample,
+    )
+
+    torch.manual_seed(14)
+    B = 5
+    c = torch.rand(B)
+    linear, embedding = SeqLinear(8, 6), SeqEmbedding(7, 4)
+    ids = torch.randint(0, 7, (B, 9))
+    assert bool((ids.sort(dim=1).values.diff(dim=1) == 0).any())  # repeated ids
+    shape = (B, 8) if T is None else (B, T, 8)
+    x, g = torch.randn(shape), torch.randn(*shape[:-1], 6)
+    if T is not None:
+        assert _per_sample_cheaper(linear, g) == (branch == "per-sample")
+    cases = [(linear, _seq_linear_grad_sample, compute_linear_grad_sample, [x], g),
+             (embedding, _seq_embedding_grad_sample, compute_embedding_grad_sample, [ids], torch.randn(B, 9, 4))]
+    for layer, sampler, opacus_sampler, acts, backprops in cases:
+        want = opacus_sampler(layer, acts, backprops)
+        layer._dp_book = book = _Book()
+        for p, gs in sampler(layer, acts, backprops).items():  # inactive: Opacus' per-sample gradients
+            torch.testing.assert_close(gs, want[p])
+        book.active = True
+        got = sampler(layer, acts, backprops)
+        assert set(got) == set(want) and len(book) == len(want)
+        for p, gs in want.items():
+            assert got[p].shape == (B, 1)
+            torch.testing.assert_close(got[p][:, 0], gs.reshape(B, -1).pow(2).sum(1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(book.clipped_sum(p, c), torch.einsum("i,i...", c, gs), rtol=1e-5, atol=1e-6)
+        assert len(book) == 0
+
+
+def test_only_a_hooks_wiring_with_book_keeping_keeps_a_book(tok, train_df, notes):
+    """make_private_text gives the model and its sequence layers a book in hooks mode with book_keeping only; wiring
+    the same model again in ghost mode (or without book-keeping) takes the earlier wiring's book away."""
+    ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    books = []
+    for mode, book in (("hooks", True), ("ghost", True), ("hooks", True), ("hooks", False)):
+        m.config = replace(m.config, book_keeping=book)
+        wrapped = _private(m, ids, 8, C=1.0, lr=0.1, mode=mode)[0]
+        wrapped.remove_hooks()  # Opacus refuses to add its hooks twice
+        books.append({id(getattr(x, "_dp_book", None)) for x in m.modules() if x is m or isinstance(x, nn.Linear | nn.Embedding)})
+    assert [len(b) for b in books] == [1, 1, 1, 1]
+    assert books[1] == books[3] == {id(None)} and books[0] != books[2] and id(None) not in books[0] | books[2]
+
+
 def test_book_refuses_a_layer_recorded_twice_in_one_pass():
     """Opacus adds the per-sample gradients of a layer called twice in one forward pass; squared norms do not add,
     so the book refuses the second record instead of clipping with a wrong norm."""
@@ -593,19 +657,20 @@ def test_text_config_rejects_an_unknown_grad_sample_mode_and_bad_chunks():
         TextConfig(length_chunks=0)
 
 
-def test_flat_clipping_when_the_path_share_is_zero(tok, train_df, notes):
+@pytest.mark.parametrize(("mode", "book"), [("ghost", False), ("hooks", True), ("hooks", False)])
+def test_flat_clipping_when_the_path_share_is_zero(tok, train_df, notes, mode, book):
     """cond_clip_share 0: one bound for the whole gradient, as before two-group clipping (a path's share of a
     single patient's update is then whatever its gradient's share is, not C·√s)."""
     torch.manual_seed(8)
     ids = torch.from_numpy(encoded(tok, train_df.iloc[:64], notes.iloc[:64]).ids)
     C = 1e-3
-    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_clip_share=0.0, cond_dropout=0.0))
+    m = NoteLM.for_tokenizer(tok, replace(SMALL, cond_clip_share=0.0, cond_dropout=0.0, book_keeping=book))
     _, path = _groups(m)
     probe = copy.deepcopy(m)
     probe(ids[:1]).sum().backward()
     g_lm, g_path = (torch.cat([p.grad.reshape(-1) for p in grp]).norm().item() for grp in _groups(probe))
     b_path = [p.detach().clone() for p in path]
-    model, opt, crit, _ = _private(m, ids, 1, C=C, lr=1.0, mode="ghost")
+    model, opt, crit, _ = _private(m, ids, 1, C=C, lr=1.0, mode=mode)
     text_step(model=model, optimizer=opt, criterion=crit, batch=(ids[:1],), private=True)
     assert _moved(path, b_path) == pytest.approx(C * g_path / math.hypot(g_lm, g_path), rel=1e-3)
 

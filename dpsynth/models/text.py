@@ -600,8 +600,9 @@ class _Book:
     the rows of the ids. The optimizer's ``clip_and_accumulate`` (``_clipping``) reads the norms,
     computes the coefficients and asks the book for the sums. Same per-patient gradients, norms, coefficients and
     clipped sum as with the per-sample tensors (tested against them and against a per-patient reference); the noise
-    and the accounting are Opacus' as before. A placeholder read as a gradient by any other code fails loudly (its
-    shape is not the parameter's)."""
+    and the accounting are Opacus' as before. The samplers keep books only while ``active`` (inside ``text_step``'s
+    DP passes, whose optimizer runs that ``clip_and_accumulate``); at any other time they give Opacus' per-sample
+    gradients, so no other code ever reads a placeholder as a gradient."""
 
     def __init__(self):
         self._sums: dict[int, Any] = {}
@@ -633,7 +634,7 @@ def _seq_linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], b
     from opacus.grad_sample.linear import compute_linear_grad_sample
 
     book = getattr(layer, "_dp_book", None)
-    if book is None:
+    if book is None or not book.active:
         return compute_linear_grad_sample(layer, activations, backprops)
     a = activations[0].to(backprops.dtype)
     B, o, i = backprops.shape[0], layer.out_features, layer.in_features
@@ -662,7 +663,7 @@ def _seq_embedding_grad_sample(layer: nn.Embedding, activations: list[torch.Tens
     from opacus.grad_sample.embedding import compute_embedding_grad_sample
 
     book = getattr(layer, "_dp_book", None)
-    if book is None:
+    if book is None or not book.active:
         return compute_embedding_grad_sample(layer, activations, backprops)
     if not layer.weight.requires_grad:
         return {}
@@ -1112,9 +1113,19 @@ def make_private_text(*, model, optimizer, loader, noise_multiplier: float, max_
                        grad_sample_mode=grad_sample_mode)
     share = model.config.path_clip_share
     path = {id(p) for _, p in model.path_parameters()} if share > 0 else set()
+    # a model wired before keeps no book of that wiring: only hooks mode with TextConfig.book_keeping has one
+    _attach_book(model, _Book() if grad_sample_mode == "hooks" and model.config.book_keeping else None)
     if path or grad_sample_mode == "hooks":
         _clipping(model, out[0], out[1], grad_sample_mode, path, max_grad_norm, share)
     return out
+
+
+def _attach_book(model: NoteLM, book: _Book | None) -> None:
+    """Give the model and its SeqLinear / SeqEmbedding layers ``book`` (None: none) for book-keeping clipping."""
+    model._dp_book = book
+    for layer in model.modules():
+        if isinstance(layer, (SeqLinear, SeqEmbedding)):
+            layer._dp_book = book
 
 
 def _clipping(model: NoteLM, module, optimizer, mode: str, path: set[int], C: float, share: float) -> None:
@@ -1151,11 +1162,7 @@ def _clipping(model: NoteLM, module, optimizer, mode: str, path: set[int], C: fl
         return
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    book = _Book() if model.config.book_keeping else None
-    model._dp_book = book
-    for layer in model.modules():
-        if isinstance(layer, (SeqLinear, SeqEmbedding)):
-            layer._dp_book = book
+    book = model._dp_book
     flat_clip = optimizer.clip_and_accumulate
 
     def clip_and_accumulate() -> None:
