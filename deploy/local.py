@@ -114,7 +114,9 @@ class LocalConsortium:
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
             "PATH": f"{BIN}{os.pathsep}{e.get('PATH', '')}",
             "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": e.get("OMP_NUM_THREADS", "1"),
+            # every site's ClientApp runs on the same few cores, one thread each (more oversubscribe them); the
+            # coordinator (SuperLink → ServerApp) samples the candidate release while the sites wait, on every core
+            "OMP_NUM_THREADS": e.get("OMP_NUM_THREADS", str(os.cpu_count() or 1) if home == "superlink" else "1"),
             "MPLBACKEND": "Agg",
         })
         # the apps import dpsynth / audits / client / server from the FAB; the repo on the path is a fallback

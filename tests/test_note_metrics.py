@@ -221,3 +221,21 @@ def test_note_metrics_in_the_evaluation_and_report(parts, nschema, tiny_lm):
     # without the model: no perplexity
     m = note_metrics(real.iloc[:300], hold.iloc[:200], good.iloc[:200], nschema, seed=0)
     assert "perplexity" not in m and "perplexity_train" not in m["summary"] and m["summary"]["consistency"] > 0.8
+
+
+def test_note_metrics_vectorise_each_set_of_notes_once_with_the_same_results(parts, nschema, monkeypatch):
+    import dpsynth.metrics.notes as nm
+
+    real, hold, good = parts[0].iloc[:400], parts[1].iloc[:300], parts[2].iloc[:300]
+    fits = []
+    plain = nm._vectorizer
+    monkeypatch.setattr(nm, "_vectorizer", lambda analyzers=None: fits.append(analyzers is None) or plain(analyzers))
+    m = note_metrics(real, hold, good, nschema, seed=0)
+    # the real notes once (condition, value consistency and TRTR), the synthetic once (TSTR), and two_sample_test's
+    # analyser builder (its folds fit on pre-analysed documents)
+    assert fits.count(True) == 3 and nm._VECTORS is None
+    fits.clear()
+    assert m["consistency"] == condition_consistency(real, good, nschema, real_holdout=hold, seed=0)
+    assert m["value_consistency"] == value_consistency(real, good, nschema, real_holdout=hold, seed=0)
+    assert m["tstr"] == note_tstr(real, good, hold, nschema, seed=0)
+    assert fits.count(True) == 4  # called on their own, each fits its own

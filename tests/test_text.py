@@ -746,6 +746,35 @@ def test_epoch_callbacks_empty_batches_and_real_noise(tok, train_df, notes):
     assert not torch.equal(before, flat(m))  # the empty batch still got its noise
 
 
+def test_finished_notes_leave_the_batch_without_changing_any_note(tok, train_df, monkeypatch):
+    import dpsynth.models.text as text_mod
+
+    torch.manual_seed(7)
+    m = NoteLM.for_tokenizer(tok, SMALL)
+    with torch.no_grad():  # a random model whose notes end at many different lengths
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        m.head.bias[EOS] += 3.5
+    rows = train_df.iloc[:24]
+    held = []  # rows each block step runs on
+    step = text_mod.Block.step
+    monkeypatch.setattr(text_mod.Block, "step", lambda self, x, cache, t0: held.append(x.shape[0]) or step(self, x, cache, t0))
+    kw = {"temperature": 0.9, "top_p": 0.9, "guidance": 2.0, "repetition": 0.5, "max_new": 40, "batch": 16}
+    ids, rows_held = {}, {}
+    for compact in (True, False):
+        held.clear()
+        ids[compact] = text_mod.sample_note_ids(m, tok, rows, generator=torch.Generator().manual_seed(2),
+                                                compact=compact, **kw)
+        rows_held[compact] = list(held)
+    assert torch.equal(ids[True], ids[False])  # same draws per note: the same notes
+    lengths = (ids[True][:, tok.prefix_len :] == EOS).float().argmax(dim=1).tolist()
+    assert len(set(lengths)) > 5
+    # both streams (guidance) of each finished note left the batch; without compaction every row runs to the end
+    assert set(rows_held[False]) == {32, 16} and min(rows_held[True]) < 16 and sum(rows_held[True]) < 0.8 * sum(
+        rows_held[False])
+    assert all(r % 2 == 0 for r in rows_held[True])
+
+
 def test_sampling_with_cache_equals_greedy_decoding_without_cache(tok, train_df):
     torch.manual_seed(5)
     m = NoteLM.for_tokenizer(tok, SMALL)

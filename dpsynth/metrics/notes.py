@@ -24,7 +24,9 @@ results can go into reports. Empty or missing notes are counted and excluded; a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import math
 import re
 from collections import Counter
@@ -170,6 +172,49 @@ def _vectorizer(analyzers=None):
     return FeatureUnion(parts)
 
 
+# TF-IDF matrices shared by the metrics of one ``note_metrics`` call (``_shared_vectors``): condition and value
+# consistency fit the same vectoriser on the same real notes and transform the same holdout and synthetic notes,
+# and note_tstr's real side is that vectoriser again; None outside such a call (nothing is kept between calls)
+_VECTORS: dict | None = None
+
+
+@contextlib.contextmanager
+def _shared_vectors():
+    global _VECTORS
+    outer = _VECTORS
+    _VECTORS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _VECTORS = outer
+
+
+def _digest(docs: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _tfidf(fit_docs: list[str], *others: list[str]) -> list:
+    """``_vectorizer()`` fitted on ``fit_docs``: [its matrix, then each of ``others`` transformed]; inside
+    ``_shared_vectors`` a fit or transform already done on the same documents is reused (same matrices)."""
+    key = _digest(fit_docs)
+    memo = _VECTORS if _VECTORS is not None else {}
+    if key not in memo:
+        vec = _vectorizer()
+        memo[key] = (vec, vec.fit_transform(fit_docs))
+    vec, x = memo[key]
+    out = [x]
+    for docs in others:
+        k = (key, _digest(docs))
+        if k not in memo:
+            memo[k] = vec.transform(docs)
+        out.append(memo[k])
+    return out
+
+
 def _logreg(seed: int):
     from sklearn.linear_model import LogisticRegression
 
@@ -222,9 +267,7 @@ def _consistency(real_train: pd.DataFrame, synthetic: pd.DataFrame, col: str, ta
         k = max(1, len(real) // 4)
         test, train = real.iloc[np.sort(perm[:k])], real.iloc[np.sort(perm[k:])]
         ceiling_on = "25 % of real_train held out (the classifier is trained on the other 75 %)"
-    vec = _vectorizer()
-    x_tr = vec.fit_transform(train[col].tolist())
-    x_te, x_syn = vec.transform(test[col].tolist()), vec.transform(syn[col].tolist())
+    x_tr, x_te, x_syn = _tfidf(train[col].tolist(), test[col].tolist(), syn[col].tolist())
 
     per, skipped = {}, {}
     for c, labels in targets.items():
@@ -357,10 +400,8 @@ def note_tstr(real_train: pd.DataFrame, synthetic: pd.DataFrame, real_holdout: p
     syn, ex_s = _frame_notes(synthetic, col, "synthetic")
     hold, ex_h = _frame_notes(real_holdout, col, "real_holdout")
     real, syn, hold = (_cap(f, max_notes, rng) for f in (real, syn, hold))
-    vec_r, vec_s = _vectorizer(), _vectorizer()
-    xr = vec_r.fit_transform(real[col].tolist())
-    xs = vec_s.fit_transform(syn[col].tolist())
-    xh_r, xh_s = vec_r.transform(hold[col].tolist()), vec_s.transform(hold[col].tolist())
+    xr, xh_r = _tfidf(real[col].tolist(), hold[col].tolist())
+    xs, xh_s = _tfidf(syn[col].tolist(), hold[col].tolist())
     from sklearn.metrics import roc_auc_score
 
     per, skipped, one_class = {}, {}, []
@@ -586,10 +627,11 @@ def note_metrics(real_train: pd.DataFrame, real_holdout: pd.DataFrame, synthetic
     ``label`` is the schema's description of the note column (e.g. that these are rendered demo notes).
     """
     col = text_column_of(schema, note_col)
-    cons = condition_consistency(real_train, synthetic, schema, note_col=col, conditions=conditions, seed=seed,
-                                 real_holdout=real_holdout)
-    vals = value_consistency(real_train, synthetic, schema, note_col=col, seed=seed, real_holdout=real_holdout)
-    ts = note_tstr(real_train, synthetic, real_holdout, schema, note_col=col, conditions=conditions, seed=seed)
+    with _shared_vectors():  # the three fit the same vectoriser on the same real notes: once
+        cons = condition_consistency(real_train, synthetic, schema, note_col=col, conditions=conditions, seed=seed,
+                                     real_holdout=real_holdout)
+        vals = value_consistency(real_train, synthetic, schema, note_col=col, seed=seed, real_holdout=real_holdout)
+        ts = note_tstr(real_train, synthetic, real_holdout, schema, note_col=col, conditions=conditions, seed=seed)
     syn_notes = synthetic[col].tolist()
     real_notes = real_train[col].tolist()
     k = min(diversity_sample, int(_usable(syn_notes).sum()), int(_usable(real_notes).sum()))

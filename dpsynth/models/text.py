@@ -1251,20 +1251,23 @@ def _nucleus_draw(sp: torch.Tensor, idx: torch.Tensor, top_p: float, u: torch.Te
     return idx.gather(-1, _inverse_cdf(sp * keep, None, u).unsqueeze(-1)).squeeze(-1)
 
 
-def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                  u: torch.Tensor | None = None) -> torch.Tensor:
     """Temperature and nucleus (top-p) sampling: the smallest set of most likely tokens whose mass reaches
     ``top_p`` (the first always kept), renormalised.
 
     The nucleus is looked for among the ``TOP_P_CANDIDATES`` most likely tokens (``topk``) and only rows whose
     nucleus reaches beyond them are fully sorted: a full sort of the vocabulary per row and token was a third of
     the sampling time. The same nucleus and the same uniform draw per row (one ``rand`` per row, as before), so
-    the same tokens up to the order of exactly tied probabilities."""
+    the same tokens up to the order of exactly tied probabilities. ``u`` [rows, 1]: the uniform draws to use
+    (default: one per row from ``generator``)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1.0:
-        return _inverse_cdf(probs, generator)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=probs.dtype)
+        return _inverse_cdf(probs, generator, u)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=probs.dtype)
     k = min(TOP_P_CANDIDATES, probs.shape[-1])
     sp, idx = probs.topk(k, dim=-1)  # sorted, most likely first
     out = _nucleus_draw(sp, idx, top_p, u)
@@ -1289,22 +1292,28 @@ def _guide(logits: torch.Tensor, B: int, guidance: float, plausibility: float, a
     return guided
 
 
+# finished notes leave a generation batch once they are this fraction's inverse of the rows held (sample_note_ids):
+# dropping them copies the key/value caches, so not at every EOS
+COMPACT_SHARE = 4
+
+
 @torch.no_grad()
 def sample_notes(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.ndarray, *, temperature: float = 1.0,
                  top_p: float = 0.95, generator: torch.Generator | None = None, max_new: int | None = None,
                  batch: int = 512, guidance: float = 1.0, plausibility: float | None = None,
-                 repetition: float | None = None) -> list[str]:
+                 repetition: float | None = None, compact: bool = True) -> list[str]:
     """One note per condition row (``sample_note_ids``' sequences, decoded)."""
     ids = sample_note_ids(model, tokenizer, conditions, temperature=temperature, top_p=top_p, generator=generator,
                           max_new=max_new, batch=batch, guidance=guidance, plausibility=plausibility,
-                          repetition=repetition)
+                          repetition=repetition, compact=compact)
     return [tokenizer.decode(row) for row in ids[:, tokenizer.prefix_len :].tolist()]
 
 
 def sample_note_ids(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | np.ndarray, *,
                     temperature: float = 1.0, top_p: float = 0.95, generator: torch.Generator | None = None,
                     max_new: int | None = None, batch: int = 512, guidance: float = 1.0,
-                    plausibility: float | None = None, repetition: float | None = None) -> torch.Tensor:
+                    plausibility: float | None = None, repetition: float | None = None,
+                    compact: bool = True) -> torch.Tensor:
     """One note per condition row, as whole sequences [n, max_len] in the training layout (BOS, condition, SEP,
     note tokens, EOS, PAD…; ``NoteLM.token_nll`` scores them). ``conditions``: a frame of records, or [n, K]
     condition ids. Each note is generated token by token with a key/value cache, temperature and nucleus (top-p) sampling. Only byte tokens and EOS can be
@@ -1312,7 +1321,10 @@ def sample_note_ids(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | 
     ``guidance`` ≠ 1: classifier-free guidance, an all-missing-condition stream alongside in the same batch, with
     the plausibility constraint ``plausibility`` (None: the model's ``TextConfig.plausibility``) on the candidates.
     ``repetition`` (None: the model's ``TextConfig.repetition``): each word piece's logit is lowered by this much per
-    earlier use in the note (after guidance and the plausibility constraint; bytes and EOS are never penalised)."""
+    earlier use in the note (after guidance and the plausibility constraint; bytes and EOS are never penalised).
+    ``compact``: notes that have written EOS leave the batch (their rows of the key/value caches are dropped) once
+    they are ``1/COMPACT_SHARE`` of the rows still held; a batch otherwise runs every row to its longest note. The
+    notes are the same either way: each batch row gets its uniform draw per token whether or not it is held."""
     m = _plain(model)
     was = m.training
     m.eval()
@@ -1335,7 +1347,7 @@ def sample_note_ids(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | 
     for s in range(0, len(cond), batch):
         c = torch.as_tensor(cond[s : s + batch], dtype=torch.long)
         B = c.shape[0]
-        if guided:  # the unconditional stream rides in the same batch: rows B … 2B−1
+        if guided:  # the unconditional stream rides in the same batch: rows n … 2n−1 for the n rows held
             c = torch.cat([c, uncond.expand(B, -1)])
         R = c.shape[0]  # B, or 2B with the unconditional stream
         prefix = torch.cat([torch.full((R, 1), BOS), c, torch.full((R, 1), SEP)], dim=1)
@@ -1347,24 +1359,35 @@ def sample_note_ids(model, tokenizer: NoteTokenizer, conditions: pd.DataFrame | 
         logits = _guide(m.project(m.ln_f(x[:, -1:]), offsets)[:, 0], B, guidance, alpha, allowed)
         t = prefix.shape[1]
         gen = torch.full((B, max_new), PAD, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool)
-        seen = torch.zeros(B, m.vocab_size)  # how often each word piece is already in the note
+        held = torch.arange(B)  # the batch rows still in the caches, in cache order
+        done = torch.zeros(B, dtype=torch.bool)  # of the held rows: wrote EOS
+        seen = torch.zeros(B, m.vocab_size)  # of the held rows: how often each word piece is already in the note
         for j in range(max_new):
             if rep > 0:
                 logits = logits - rep * seen
-            nxt = _top_p_sample(logits + allowed, temperature, top_p, generator)
+            # one uniform per batch row and token whichever rows are still held, so that dropping finished rows
+            # leaves every note's draws, and so its tokens, as they were
+            u = torch.rand(B, 1, generator=generator) if temperature > 0 else None
+            nxt = _top_p_sample(logits + allowed, temperature, top_p, generator, None if u is None else u[held])
             nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-            gen[:, j] = nxt
+            gen[held, j] = nxt
             if rep > 0:
-                seen[torch.arange(B), nxt] += words[nxt]
+                seen[torch.arange(len(held)), nxt] += words[nxt]
             done |= nxt == EOS
             if bool(done.all()) or t >= tokenizer.max_len:
                 break
+            n = len(held)
+            if compact and int(done.sum()) * COMPACT_SHARE >= n:  # drop finished notes from the batch
+                keep = (~done).nonzero().squeeze(1)
+                rows = torch.cat([keep, keep + n]) if guided else keep
+                caches = [[kv.index_select(0, rows) for kv in cache] for cache in caches]
+                offsets = None if offsets is None else offsets.index_select(0, rows)
+                held, nxt, seen, done = held[keep], nxt[keep], seen[keep], done[keep]
             step_ids = torch.cat([nxt, nxt]) if guided else nxt  # both streams continue the same note
             x = m._embed(step_ids.unsqueeze(1), t)
             for b, cache in zip(m.blocks, caches):
                 x = b.step(x, cache, t)
-            logits = _guide(m.project(m.ln_f(x), offsets)[:, 0], B, guidance, alpha, allowed)
+            logits = _guide(m.project(m.ln_f(x), offsets)[:, 0], len(held), guidance, alpha, allowed)
             t += 1
         P = prefix.shape[1]
         out[s : s + B, :P] = prefix[:B]
