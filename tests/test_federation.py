@@ -37,14 +37,20 @@ def test_fedavg_weights_by_expected_batches():
 
 def test_weights_are_checked_on_arrival():
     tmpl = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
-    rec = wire.state_to_record({"w": torch.ones(2, 3), "b": torch.ones(3)})
-    out = wire.record_to_state(rec, tmpl, who="site x", what="critic")
-    assert torch.equal(out["w"], torch.ones(2, 3))
+    sent = {"w": torch.arange(6.0).reshape(2, 3), "b": -torch.arange(3.0)}
+    good = wire.state_to_record(sent)
+    assert set(good.keys()) == {"flat", "layout"}  # one vector per model (Flower sends each array as an object)
+    out = wire.record_to_state(good, tmpl, who="site x", what="critic")
+    layout = torch.from_numpy(good["layout"].numpy().copy())
+    assert list(out) == list(tmpl) and all(torch.equal(out[k], sent[k]) for k in sent)
     bad = {
         "shape": wire.state_to_record({"w": torch.ones(3, 2), "b": torch.ones(3)}),
         "NaN": wire.state_to_record({"w": torch.full((2, 3), float("nan")), "b": torch.ones(3)}),
         "unexpected": wire.state_to_record({"w": torch.ones(2, 3), "b": torch.ones(3), "x": torch.ones(1)}),
         "dtype": ArrayRecord([np.ones((2, 3), dtype=np.float64), np.ones(3, dtype=np.float32)]),
+        "flat dtype": ArrayRecord({"flat": torch.ones(9, dtype=torch.float64), "layout": layout}),
+        "size": ArrayRecord({"flat": torch.ones(8), "layout": layout}),
+        "Inf": ArrayRecord({"flat": torch.tensor([1.0] * 8 + [float("inf")]), "layout": layout}),
     }
     for what, rec in bad.items():
         with pytest.raises(wire.WireError, match="site x"):
@@ -333,8 +339,7 @@ def test_in_process_federation_trains_the_note_model_and_releases_notes(notes_di
     def keep_text_update(msg, reply):
         if msg.metadata.message_type == "train" and "text" in reply.content:
             sent.setdefault("updates", []).append(
-                ({k: torch.from_numpy(reply.content["text"][k].numpy().copy()) for k in reply.content["text"]},
-                 float(reply.content["metrics"]["text_expected_batches"])))
+                (reply.content["text"], float(reply.content["metrics"]["text_expected_batches"])))
         return reply
 
     cfgs = _allow_notes(_nodes(notes_dir, tmp_path), "ab")
@@ -364,9 +369,9 @@ def test_in_process_federation_trains_the_note_model_and_releases_notes(notes_di
     assert "note" in man["privacy"]["public_metadata"] and "notes" in man["privacy"]
 
     # FedAvg of the note model weighted by each site's expected note batches per round
-    (ua, wa), (ub, wb) = sent["updates"]
-    assert wa != wb
     agg = load_file(str(tmp_path / "run" / "candidate" / "text.safetensors"))
+    (ua, wa), (ub, wb) = ((wire.record_to_state(rec, agg, who="test", what="text"), w) for rec, w in sent["updates"])
+    assert wa != wb
     for k, v in agg.items():
         assert torch.allclose(v, (wa * ua[k] + wb * ub[k]) / (wa + wb), atol=1e-6), k
 
