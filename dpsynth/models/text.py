@@ -1292,8 +1292,8 @@ def _guide(logits: torch.Tensor, B: int, guidance: float, plausibility: float, a
     return guided
 
 
-# finished notes leave a generation batch once they are this fraction's inverse of the rows held (sample_note_ids):
-# dropping them copies the key/value caches, so not at every EOS
+# finished notes leave a generation batch once they are at least 1/COMPACT_SHARE of the rows it holds
+# (sample_note_ids): dropping them copies the key/value caches, so not at every EOS
 COMPACT_SHARE = 4
 
 
