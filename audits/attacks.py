@@ -100,7 +100,7 @@ def prepare(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
     ho_idx = np.sort(rng.choice(len(holdout), min(len(holdout), max_reference), replace=False))
     syn = synthetic if len(synthetic) <= max_synthetic else synthetic.iloc[np.sort(rng.choice(len(synthetic), max_synthetic, replace=False))]
     x_mem, cols = encode(train.iloc[mem_idx], schema)
-    enc = lambda df: encode(df, schema, cols)[0]  # noqa: E731
+    enc = lambda df: encode(df, schema, cols)[0]
     return AuditData(
         schema=schema, columns=cols, train=enc(train.iloc[tr_idx]), holdout=enc(holdout.iloc[ho_idx]), members=x_mem,
         nonmembers=enc(holdout.iloc[non_idx]), reference=enc(holdout.iloc[ref_idx]), synthetic=enc(syn),
@@ -108,7 +108,7 @@ def prepare(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
         raw_nonmembers=holdout.iloc[non_idx].reset_index(drop=True),
         raw_synthetic=syn.reset_index(drop=True), n_victims=m,
         info={"victims_per_group": m, "train_rows": len(train), "holdout_rows": len(holdout),
-              "reference_rows_used": int(len(tr_idx)), "synthetic_rows_used": len(syn),
+              "reference_rows_used": len(tr_idx), "synthetic_rows_used": len(syn),
               "synthetic_rows": len(synthetic), "encoded_dims": len(cols)},
     )
 
@@ -455,7 +455,7 @@ def dcr_share(a: AuditData, cap: int = 10_000, seed: int = 0, draws: int = 5) ->
     between = float(np.var(shares, ddof=1)) if len(shares) > 1 else 0.0
     half = 1.96 * float(np.sqrt(binom_var + between))
     return {"share": {"value": value, "ci_low": max(0.0, value - half), "ci_high": min(1.0, value + half),
-                      "baseline": 0.5, "n": int(len(s)),
+                      "baseline": 0.5, "n": len(s),
                       "method": f"share of synthetic rows closer to train than holdout ({m} records each, "
                                 f"{len(shares)} train reference draws)"}}
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 from dpsynth.errors import DpsynthError
 
@@ -52,7 +53,7 @@ class Policy:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> "Policy":
+    def from_dict(cls, d: dict, where: str) -> Policy:
         if d.get("version") != POLICY_VERSION:
             raise DpsynthError(f"{where}: policy version {d.get('version')!r} is not supported (expected {POLICY_VERSION})")
         unknown = set(d) - {"version", "name", "dp", "thresholds", "audit"}
@@ -74,7 +75,7 @@ class Policy:
         return cls(version=POLICY_VERSION, name=d.get("name", "custom"), dp=dp, thresholds=th, audit=audit)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Policy":
+    def load(cls, path: str | Path) -> Policy:
         path = Path(path)
         if not path.exists():
             raise DpsynthError(f"policy file {path} does not exist")

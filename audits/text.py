@@ -119,6 +119,17 @@ def chance_exposure(n_candidates: int) -> float:
     return float(np.mean(-np.log2(k / (n_candidates + 1))))
 
 
+def exposure_lower_bound(values: Sequence[float]) -> float:
+    """Lower 95 % bound of the mean exposure of canaries (the gate's, and bench/notes.py's over pooled runs):
+    normal approximation with the larger of the sample SD and the SD of exposure under no memorisation
+    (−log2 U: 1/ln 2 bits), so that one or two canaries (a degenerate bootstrap) cannot fail a model by chance
+    more often than ≈ 1 % (simulated for canaries the model did not memorise, 1,000 candidates: 0.9 % for 4
+    canaries and for 20)."""
+    v = np.asarray(values, dtype=float)
+    sd = max(float(v.std(ddof=1)) if len(v) > 1 else 0.0, NULL_SD_BITS)
+    return float(v.mean() - 1.96 * sd / math.sqrt(len(v)))
+
+
 def exposure(model_scorer: Callable[[list[str], Canary], np.ndarray], canaries: Sequence[Canary],
              n_candidates: int = 1000, seed: int | None = None) -> dict:
     """Exposure of each canary against ``n_candidates`` random secrets of the same format, summarised per
@@ -156,13 +167,10 @@ def exposure(model_scorer: Callable[[list[str], Canary], np.ndarray], canaries: 
                         method=f"mean rank exposure of {len(v)} canaries repeated {cnt}× "
                                f"({n_candidates} candidate secrets; max {math.log2(n_candidates + 1):.2f} bits)").to_json()
         est["control"] = control_mean
-        # lower 95 % bound for the gate: normal approximation with the larger of the sample SD and the SD of
-        # exposure under no memorisation (−log2 U: 1/ln 2 bits), so that one or two canaries (a degenerate
-        # bootstrap) cannot fail a model by chance more often than ≈ 2.5 %
-        sd = max(float(v.std(ddof=1)) if len(v) > 1 else 0.0, NULL_SD_BITS)
-        est["lower_bound"] = float(v.mean() - 1.96 * sd / math.sqrt(len(v)))
+        est["lower_bound"] = exposure_lower_bound(v)
         est["extrapolated"] = float(g["exposure_extrapolated"].mean())
         est["max_exposure"] = math.log2(n_candidates + 1)
+        est["exposures"] = [float(x) for x in v]  # each canary's, so that runs can be pooled (bench/notes.py)
         per_count[str(int(cnt))] = est
     return {"per_count": per_count, "chance": chance, "space_bits": space_bits, "n_candidates": n_candidates,
             "canaries": len(df), "format": CANARY_FORMAT,

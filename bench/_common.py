@@ -72,3 +72,16 @@ def demo_notes(max_len: int):
     tok = NoteTokenizer.from_schema(schema, max_len=max_len)
     enc = tok.encode(tr.reset_index(drop=True), tr["note"].tolist())
     return schema, tr, ho, tok, torch.from_numpy(enc.ids[enc.present])
+
+
+def pooled_exposure(per_run: list[dict]) -> dict:
+    """One repetition count's canaries of all runs as one sample: their mean exposure and the gate's lower 95 %
+    bound of it (audits.text.exposure_lower_bound). Each run plants its own secrets in its own hosts and draws its
+    own DP noise, so the runs' canaries are independent, and one test of all of them has more power than one per
+    run (empty when a run predates the per-canary values)."""
+    from audits.text import exposure_lower_bound
+
+    if not all("exposures" in e for e in per_run):
+        return {}
+    v = [x for e in per_run for x in e["exposures"]]
+    return {"pooled": {"n": len(v), "mean": sum(v) / len(v), "lower_bound": exposure_lower_bound(v)}}

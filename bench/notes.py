@@ -13,7 +13,8 @@ count 1/4/16, plus never-planted controls), generates ``--n-synthetic`` patients
 
     python bench/notes.py [--eps 3 8 inf] [--seeds 0] [--n-synthetic 2000] [--text '{"epochs": 4}']
 Targets at ε = 8: condition consistency ≥ 0.85, canary exposure indistinguishable from chance (the lower 95 %
-bound of every repetition count ≤ chance), note-model training ≤ 5 minutes on 2 cores.
+bound of every repetition count ≤ chance, in every run, and over all runs' canaries of a count pooled), note-model
+training ≤ 5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def one_run(eps: float, seed: int, data: Path, n_syn: int, canaries: int, text: 
 
 def summarise(runs: list[dict]) -> dict:
     import numpy as np
+    from _common import pooled_exposure
 
     out: dict[str, list] = {}
     for r in runs:
@@ -116,7 +118,8 @@ def summarise(runs: list[dict]) -> dict:
             **{k: ms([r["metrics"]["summary"][k] for r in rs]) for k in keys
                if all(isinstance(r["metrics"]["summary"].get(k), (int, float)) for r in rs)},
             "canary_exposure": {c: {"mean": ms([r["canary_exposure"]["per_count"][c]["value"] for r in rs]),
-                                    "lower_bound_max": max(r["canary_exposure"]["per_count"][c]["lower_bound"] for r in rs)}
+                                    "lower_bound_max": max(r["canary_exposure"]["per_count"][c]["lower_bound"] for r in rs),
+                                    **pooled_exposure([r["canary_exposure"]["per_count"][c] for r in rs])}
                                 for c in per_count},
             "canary_chance": rs[0]["canary_exposure"]["chance"] if rs[0]["canary_exposure"] else None,
             "ngram_overlap_excess": ms([(r["gate_checks"]["ngram_overlap"].get("excess") or {}).get("value") for r in rs]),
@@ -169,6 +172,9 @@ def main() -> None:
         verdict = {
             "consistency_ge_0.85": bool(e8.get("consistency") and e8["consistency"]["mean"] >= TARGET_CONSISTENCY),
             "exposure_at_chance": bool(exp) and all(v["lower_bound_max"] <= e8["canary_chance"] for v in exp.values()),
+            # the same test on each count's canaries of all runs together (None for runs without per-canary values)
+            "exposure_at_chance_pooled": (all(v["pooled"]["lower_bound"] <= e8["canary_chance"] for v in exp.values())
+                                          if exp and all("pooled" in v for v in exp.values()) else None),
             "text_training_le_5_min": e8["text_phase_seconds"]["mean"] <= TARGET_MINUTES * 60,
         }
     save(a.save, {

@@ -124,7 +124,7 @@ def main() -> None:
         return "—" if not x else f"{x['mean']:.{d}f}" + (f" ± {x['std']:.{d}f}" if x.get("n", 1) > 1 else "")
 
     for name in ("notes", "notes_eps8_seeds123", "notes_eps8_seed4", "notes_prior_eps8", "notes_prior_eps3_np", "notes_band_eps8",
-                 "notes_hooks_eps8", "notes_book_eps8", "notes_book_eps8_seeds1234"):
+                 "notes_hooks_eps8", "notes_book_eps8", "notes_book_eps8_seeds1234", "notes_share09_eps8"):
         nb = load(name)
         if not nb:
             continue
@@ -146,7 +146,9 @@ def main() -> None:
                   f"{m(s_.get('value_consistency'))} | {m(s_.get('tstr_ratio'))} | {m(s_.get('two_sample_auc'))} | {m(s_.get('distinct_2_synthetic'))} / "
                   f"{m(s_.get('distinct_2_real'))} | {m(s_.get('self_bleu_synthetic'))} / {m(s_.get('self_bleu_real'))} | "
                   f"{m(s_.get('perplexity_holdout'), 2)} / {m(s_.get('perplexity_train'), 2)} | {exps} "
-                  f"(16× lower bound {exp.get('lower_bound_max', float('nan')):.2f}) | {m(s_.get('ngram_overlap_excess'), 4)} |")
+                  f"(16× lower bound {exp.get('lower_bound_max', float('nan')):.2f}"
+                  + (f"; {exp['pooled']['n']} pooled: {exp['pooled']['lower_bound']:.2f}" if exp.get("pooled") and s_["runs"] > 1 else "")
+                  + f") | {m(s_.get('ngram_overlap_excess'), 4)} |")
         t = nb.get("targets_at_eps8") or {}  # none when the file has no ε = 8 run
         verdict = ("Targets at ε = 8: " + ", ".join(f"{k} **{'met' if ok else 'NOT met'}**" for k, ok in t.items()) + "."
                    if t else "")
@@ -207,7 +209,7 @@ def main() -> None:
                   f"{c.get('cardiac_arrest', float('nan')):.2f} | {c.get('mi', float('nan')):.2f} | "
                   f"{c.get('afib', float('nan')):.2f} |")
         print()
-    for name in ("notes_canaries", "notes_prior", "notes_paired_s2", "notes_band_s0", "notes_sweep_fed"):
+    for name in ("notes_canaries", "notes_prior", "notes_paired_s2", "notes_band_s0", "notes_sweep_fed", "notes_share033"):
         sw = load(name)
         if not sw:
             continue

@@ -18,6 +18,7 @@ from audits.text import (
     CANARY_FORMAT,
     chance_exposure,
     exposure,
+    exposure_lower_bound,
     insert_canaries,
     make_canaries,
     ngram_overlap,
@@ -1115,6 +1116,31 @@ def test_exposure_of_a_memorising_scorer_is_high_and_of_an_unrelated_one_is_chan
         e = lo["per_count"][k]
         assert e["baseline"] == pytest.approx(chance) and e["ci_low"] <= chance + 0.3 and abs(e["value"] - chance) < 0.8
     assert lo["per_count"]["16"]["control"] == pytest.approx(lo["per_count"]["0"]["value"])
+
+
+def test_exposure_lower_bound_holds_its_level_at_chance_and_pools_runs():
+    """The gate's lower bound (also bench/notes.py's over pooled runs): canaries the model did not memorise (rank
+    uniform among the candidates) exceed chance rarely, for 4 canaries and for 20; a real excess over 20 pooled
+    canaries is found where 4 per run can miss it. Each canary's exposure is reported for pooling."""
+    n, chance = 1000, chance_exposure(1000)
+    rng = np.random.default_rng(5)
+
+    def null(k):  # the rank exposure −log2((1 + #higher) / (n + 1)) of k unmemorised canaries
+        return -np.log2((1 + rng.integers(0, n + 1, k)) / (n + 1))
+
+    for k in (4, 20):
+        flagged = np.mean([exposure_lower_bound(null(k)) > chance for _ in range(20000)])
+        assert flagged < 0.02, (k, flagged)  # 0.9 % measured for both
+    # about a bit of memorisation (each canary's rank 2^-1 of a chance canary's): pooled over 5 runs it is found in
+    # almost every draw, 4 canaries at a time mostly not
+    pooled = [exposure_lower_bound(null(20) + 1.0) > chance for _ in range(2000)]
+    single = [exposure_lower_bound(null(4) + 1.0) > chance for _ in range(2000)]
+    assert np.mean(pooled) > 0.8 and np.mean(single) < 0.3
+    can = make_canaries(4, counts=(16,), seed=2)
+    res = exposure(lambda texts, c: np.arange(len(texts), 0, -1.0), can, n_candidates=n, seed=3)["per_count"]
+    assert res["16"]["exposures"] == pytest.approx([math.log2(n + 1)] * 4)
+    assert res["0"]["value"] == pytest.approx(np.mean(res["0"]["exposures"]))
+    assert res["16"]["lower_bound"] == pytest.approx(exposure_lower_bound(res["16"]["exposures"]))
 
 
 def test_ngram_overlap_flags_copies_and_not_fresh_notes(train_df):
