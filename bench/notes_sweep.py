@@ -8,7 +8,8 @@ comparison is paired), and scores them with ``dpsynth.metrics.notes.condition_co
 machine with many cores (or a GPU: ``--device cuda`` trains there, sampling stays on the CPU) sweeps in minutes.
 
 The noise of a variant (σ, steps) is that of the note model in the default chained fit at ``--epsilon`` (a
-variant's ``"text_share"`` key sets the note model's budget share against the WGAN's and flow's 1, as
+variant's ``"text_share"`` key sets the note model's budget share against the WGAN's and flow's 1 (default:
+``TrainConfig.budget_shares``' 0.33 since 2026-11-28; 1 in the results before), as
 ``dpsynth train --budget-shares text=…`` does; plan rule):
   * ``--sigma-rule plan`` (default): ``dpsynth.train.make_plan`` for the variant's TextConfig — the exact PRV
     calibration of the WGAN + flow + note split that ``dpsynth train`` would run;
@@ -88,12 +89,12 @@ def frames(data: str | None):
             validate_frame(pd.read_csv(Path(data) / "holdout.csv"), schema, "holdout"))
 
 
-def noise(rule: str, cfg, n_notes: int, epsilon: float, schema, text_share: float = 1.0) -> tuple[float, int]:
+def noise(rule: str, cfg, n_notes: int, epsilon: float, schema, text_share: float | None = None) -> tuple[float, int]:
     """(σ, steps) of the note model for TextConfig ``cfg`` (module docstring); ``text_share``: the note model's
-    budget share against the WGAN's and the flow's 1 (TrainConfig.budget_shares; plan rule only)."""
+    budget share against the WGAN's and the flow's 1 (None: TrainConfig.budget_shares'; plan rule only)."""
     steps = cfg.epochs * math.ceil(n_notes / cfg.batch_size)
     if rule == "clt":
-        if text_share != 1.0:
+        if text_share is not None:
             raise SystemExit("text_share needs --sigma-rule plan")
         from dpsynth.privacy.accountant import clt_mu, split_sigmas
 
@@ -103,7 +104,8 @@ def noise(rule: str, cfg, n_notes: int, epsilon: float, schema, text_share: floa
 
     plan = make_plan(n=n_notes, epsilon=epsilon, delta=default_delta(n_notes), prior=schema_accountant(schema),
                      config=TrainConfig(models=("wgan", "flow", "text"), text=cfg,
-                                       budget_shares={"wgan": 1.0, "flow": 1.0, "text": text_share}),
+                                       budget_shares={**TrainConfig().budget_shares,
+                                                      **({} if text_share is None else {"text": text_share})}),
                      non_private=False, text_n=n_notes)
     return plan.text_noise, plan.text_steps
 
@@ -238,9 +240,9 @@ def one(spec: dict) -> list[dict]:
     torch.set_num_threads(spec["threads"])
     variant = dict(spec["variant"])
     fed = variant.pop("fed", None)
-    text_share = float(variant.pop("text_share", 1.0))  # the note model's budget share (model-alone variants)
+    text_share = variant.pop("text_share", None)  # the note model's budget share (model-alone variants)
     adv = variant.pop("adv", None)  # the mtGAN-style stage (models.text_adv), model-alone variants only
-    if fed is not None and (text_share != 1.0 or adv is not None):
+    if fed is not None and (text_share is not None or adv is not None):
         raise SystemExit('a federated variant takes neither "text_share" (set budget_shares in "fed") nor "adv"')
     canaries = None
     if fed is None:
@@ -258,7 +260,8 @@ def one(spec: dict) -> list[dict]:
         tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
         enc = tok.encode(tr, tr_notes.tolist())
         ids = torch.from_numpy(enc.ids[enc.present])
-        sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema, text_share)
+        sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema,
+                             None if text_share is None else float(text_share))
         model = NoteLM.for_tokenizer(tok, cfg).to(device)
         if adv is not None:  # the same μ-GDP privacy loss, split between the MLE fit and the critic
             adv_stage = adversarial(adv, sigma, steps, len(ids), cfg.batch_size)
@@ -296,7 +299,8 @@ def one(spec: dict) -> list[dict]:
         from audits.text import host_scorer
 
         res = secret_sharer(host_scorer(model, tok, tr), canaries, n_candidates=1000, seed=0)
-        exposure = {c: {"mean": v["value"], "lower_bound": v["lower_bound"]} for c, v in res["per_count"].items()}
+        exposure = {c: {"mean": v["value"], "lower_bound": v["lower_bound"], "exposures": v["exposures"]}
+                    for c, v in res["per_count"].items()}
         exposure["chance"] = res["chance"]
         # what the guarantee says about a secret shared by k patients: the note model's privacy loss as μ-GDP (the
         # CLT approximation μ = q·√(T·(e^{1/σ²} − 1)) of Poisson-subsampled Gaussian steps) and group privacy kμ: the
@@ -348,6 +352,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                     "final_loss": statistics.mean(statistics.mean(r["final_loss"]) if isinstance(r["final_loss"], list)
                                                   else r["final_loss"] for r in rs),
                     "conditions": {k: statistics.mean(r["conditions"][k] for r in rs) for k in rs[0]["conditions"]}})
+    from _common import pooled_exposure
+
     from audits.policy import default_policy
 
     margin = default_policy().thresholds["canary_exposure_margin_bits_max"]  # the release gate's allowance
@@ -358,7 +364,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                                         "lower_bounds": [round(e[c]["lower_bound"], 2) for e in ex],
                                         "above_chance": sum(e[c]["lower_bound"] > e["chance"] for e in ex),
                                         "above_gate_allowance": sum(e[c]["lower_bound"] > e["chance"] + margin
-                                                                    for e in ex)}
+                                                                    for e in ex),
+                                        **pooled_exposure([e[c] for e in ex])}
                                     for c in ex[0] if c != "chance"}
             if rs[0].get("canary_dp"):
                 s["canary_dp"] = rs[0]["canary_dp"]

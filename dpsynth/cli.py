@@ -483,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plant N secret-sharer canaries per repetition count (1, 4, 16) in the training notes for "
                         "the memorisation audit (kept in the model directory only)")
     s.add_argument("--budget-shares", default="",
-                   help="how ε is split between the models, e.g. wgan=3,flow=1 (default wgan=1,flow=1); see `dpsynth budget`")
+                   help="how ε is split between the models, e.g. wgan=3,flow=1 (default wgan=1,flow=1,text=0.33); see "
+                        "`dpsynth budget`")
     s.add_argument("--non-private", action="store_true", help="no clipping, no noise: comparison only")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--overwrite", action="store_true")

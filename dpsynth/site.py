@@ -158,7 +158,7 @@ class RunRequest:
     # over the patients with a note (None: TextConfig's defaults)
     text_epochs: int | None = None
     text_batch_size: int | None = None
-    # each model's share of the privacy loss (TrainConfig.budget_shares; None: the defaults, 1 each)
+    # each model's share of the privacy loss (TrainConfig.budget_shares; None: its defaults)
     budget_shares: dict | None = None
 
     def __post_init__(self) -> None:

@@ -108,8 +108,8 @@ class RunSettings:
     text_layers: int = 0
     text_heads: int = 0
     text_max_len: int = 0
-    # each model's share of every site's privacy loss, e.g. "wgan=2,flow=1,text=1" ("": 1 each, as in
-    # `dpsynth train --budget-shares`); the site's cap on its total ε is unchanged
+    # each model's share of every site's privacy loss, e.g. "wgan=2,flow=1,text=1" ("": TrainConfig.budget_shares',
+    # wgan=1,flow=1,text=0.33, as in `dpsynth train --budget-shares`); the site's cap on its total ε is unchanged
     budget_shares: str = ""
 
     @classmethod

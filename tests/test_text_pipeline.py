@@ -126,7 +126,7 @@ def test_one_accountant_charges_the_three_models(dp_model, capsys):
     assert acc.epsilon(1e-5) == pytest.approx(p["epsilon"], rel=1e-9)
     t = p["models"]["text"]
     assert t["mechanism"] == TEXT_MECHANISM and t["rows"] == 1000 and t["sample_rate"] == pytest.approx(1 / 8)
-    assert t["steps"] == t["planned_steps"] == 2 * 8 and t["share"] == 1.0 and 0 < t["epsilon_alone"] < p["epsilon"]
+    assert t["steps"] == t["planned_steps"] == 2 * 8 and t["share"] == TrainConfig().budget_shares["text"] and 0 < t["epsilon_alone"] < p["epsilon"]
     assert t["noise_multiplier"] > 0
     assert sum(x.steps for x in acc.history if x.mechanism == TEXT_MECHANISM) == 16
     without_text = SiteAccountant([x for x in acc.history if x.mechanism != TEXT_MECHANISM]).epsilon(1e-5)
@@ -148,7 +148,7 @@ def test_one_accountant_charges_the_three_models(dp_model, capsys):
 
 
 def test_the_default_patient_has_a_note_exactly_when_the_schema_has_a_text_column(tschema):
-    assert TrainConfig().models is None and TrainConfig().budget_shares["text"] == 1.0
+    assert TrainConfig().models is None and TrainConfig().budget_shares == {"wgan": 1.0, "flow": 1.0, "text": 0.33}
     assert default_models(tschema) == ("wgan", "flow", "text")
     assert default_models(demo_schema()) == ("wgan", "flow")
     assert resolve_models(TrainConfig(), tschema).models == ("wgan", "flow", "text")

@@ -61,7 +61,7 @@ under ghost clipping (the per-patient norm covers them; tested like the rest). a
 layer norm) was tried in the same probe and dropped: under DP its noisy modulations stalled the loss at 2.64
 against 1.92 for the path alone (same seed).
 
-Two-group clipping (``TextConfig.cond_clip_share`` s, default 0.75). With one flat bound C on a patient's whole
+Two-group clipping (``TextConfig.cond_clip_share`` s, default 0.9; 0.75 until 2026-11-28). With one flat bound C on a patient's whole
 gradient, the path's table and gate took ≈ 6 % of the squared norm of a trained model's per-patient gradient
 (the language model's attention, MLP and embeddings the rest), so after clipping each patient gave the
 condition → word associations a sliver of its contribution while the noise σ·C hit them at full strength.
@@ -72,7 +72,9 @@ state detached, so the path's logit term depends on the path's parameters only, 
 path's gradient is rescaled between Opacus' two backward passes (``_ScaleGrad``, ``_clipping``;
 tested against a per-patient reference in ghost and hooks modes). One-off DP probe (σ 0.69, 240 steps, w 3,
 α 0.1, 600 prompts, 2 seeds): consistency 0.71 flat → 0.80 with s = 0.5 and 0.80–0.84 with s = 0.75, the note
-NLL 1.92 → 2.13 → 2.37 nats/token.
+NLL 1.92 → 2.13 → 2.37 nats/token. The split also decides where a patient's note can be memorised: only the
+language model stores a string in order, and s = 0.9 gives it C·√0.1 under the same noise σ·C, which brought
+canaries written in 16 patients' notes down towards chance at ε = 8 (``TextConfig.cond_clip_share``'s comment).
 
 Row-sparse path (``TextConfig.cond_sparse``). Only condition tokens that assert something have a row in the
 path's table: no row for a missing value or a binary column's "0" (``NoteTokenizer.path_rows``; 48 of the demo's
@@ -738,8 +740,16 @@ class TextConfig:
     # gradient, so its associations were learnt from a sliver of each patient's clipped contribution.
     # One-off DP probes (σ 0.69, 240 steps, w 3, α 0.1, 600 prompts; seeds 0 / 1), consistency: flat 0.71 / 0.71;
     # share 0.5: 0.80 / 0.80; 0.75: 0.84 / 0.80; 0.9: 0.83 (seed 0). Note NLL after 240 steps: flat 1.92, 0.5: 2.13,
-    # 0.75: 2.37, 0.9: 2.77 nats/token — the language model pays for what the path gets
-    cond_clip_share: float = 0.75
+    # 0.75: 2.37, 0.9: 2.77 nats/token — the language model pays for what the path gets.
+    # 0.9 since 2026-11-28 (0.75 before), for memorisation: only the language model can store a secret's digits in
+    # order (the path adds position-free offsets per condition row), and its part of each patient's bound is now
+    # C·√0.1 against C·√0.25 under the same noise σ·C, a 0.63× signal-to-noise ratio for what one patient's note can
+    # teach it. The note model alone at the ε = 8 fit's privacy loss, seeds 0–4 paired (bench/notes_sweep.py,
+    # results/notes_share033.json): 16× canaries' mean exposure 2.70 → 2.15 bits (chance 1.44), condition
+    # consistency 0.955 → 0.951, value consistency 0.771 → 0.767, final NLL 2.12 → 2.45 nats/token (the cost: less
+    # fluent notes). With the note model's budget share at 0.33 too (TrainConfig.budget_shares): 1.72 bits, 0.946,
+    # 0.759, 2.70
+    cond_clip_share: float = 0.9
     # row-sparse path: only condition tokens that assert something get a row of logit offsets (NoteTokenizer.
     # path_rows: no rows for missing values and binary "0"; 48 of the demo's 80), so a patient's path gradient is
     # not spread over rows that say "absent", and the unconditional (all-missing) stream of guidance has no path
