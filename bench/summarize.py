@@ -257,7 +257,7 @@ def main() -> None:
                   + (" / ".join(f"{x:.3f}" for x in a["critic_loss_first_last"]) if a else "—")
                   + f" | {r['canary_exposure']['16']['lower_bound']:.2f} |")
         print()
-    for name in ("demo_fed", "demo_fed_notes", "demo_fed_notes_share"):
+    for name in ("demo_fed", "demo_fed_share09", "demo_fed_notes", "demo_fed_notes_share"):
         fd = load(name)
         if not fd:
             continue
@@ -284,7 +284,7 @@ def main() -> None:
         target = ("" if fd["meets_target"] is None else
                   f"; target ≤ 300 s: {'met' if fd['meets_target'] else 'NOT met'}; "
                   f"stretch ≤ 120 s: {'met' if fd['wall_seconds'] <= 120 else 'not met'}")
-        what = "`make demo` after set-up" if name == "demo_fed" else "the federated demo with a larger note model"
+        what = "`make demo` after set-up" if name in ("demo_fed", "demo_fed_share09") else "the federated demo with a larger note model"
         print(f"**`bench/demo_fed.py`**{'' if name == 'demo_fed' else f' ({name})'} — {what}: {fd['wall_seconds']:.0f} s "
               f"wall, one run ({fd['environment']['time_utc'][:10]}{target}){extra}; site ε {eps}; "
               f"consortium ε {fd['consortium_epsilon']:.2f}; gate {fd['verdict']}." + (f" {fd['note']}" if fd.get("note") else "")
