@@ -102,10 +102,11 @@ def noise(rule: str, cfg, n_notes: int, epsilon: float, schema, text_share: floa
         return split_sigmas(mu, [(1 / math.ceil(n_notes / cfg.batch_size), steps, 1.0)])[0], steps
     from dpsynth.train import TrainConfig, default_delta, make_plan, schema_accountant
 
+    shares = TrainConfig().budget_shares
+    if text_share is not None:
+        shares["text"] = float(text_share)
     plan = make_plan(n=n_notes, epsilon=epsilon, delta=default_delta(n_notes), prior=schema_accountant(schema),
-                     config=TrainConfig(models=("wgan", "flow", "text"), text=cfg,
-                                       budget_shares={**TrainConfig().budget_shares,
-                                                      **({} if text_share is None else {"text": text_share})}),
+                     config=TrainConfig(models=("wgan", "flow", "text"), text=cfg, budget_shares=shares),
                      non_private=False, text_n=n_notes)
     return plan.text_noise, plan.text_steps
 
@@ -260,8 +261,7 @@ def one(spec: dict) -> list[dict]:
         tok = NoteTokenizer.from_schema(schema, max_len=cfg.max_len)
         enc = tok.encode(tr, tr_notes.tolist())
         ids = torch.from_numpy(enc.ids[enc.present])
-        sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema,
-                             None if text_share is None else float(text_share))
+        sigma, steps = noise(spec["sigma_rule"], cfg, len(ids), spec["epsilon"], schema, text_share)
         model = NoteLM.for_tokenizer(tok, cfg).to(device)
         if adv is not None:  # the same μ-GDP privacy loss, split between the MLE fit and the critic
             adv_stage = adversarial(adv, sigma, steps, len(ids), cfg.batch_size)
